@@ -1,0 +1,32 @@
+"""chunkbus.bus: messages and their codec, sockets and endpoints, the ticker, logging."""
+
+from chunkbus.bus.codec import PROTOCOL_VERSION, decode, decode_header, encode
+from chunkbus.bus.messages import (
+    ActionChunk,
+    ArmState,
+    CameraFrame,
+    Command,
+    ErrorReply,
+    JpegImage,
+    Message,
+    MessageError,
+    Observation,
+    ObservationRequest,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ActionChunk",
+    "ArmState",
+    "CameraFrame",
+    "Command",
+    "ErrorReply",
+    "JpegImage",
+    "Message",
+    "MessageError",
+    "Observation",
+    "ObservationRequest",
+    "decode",
+    "decode_header",
+    "encode",
+]

@@ -1,0 +1,63 @@
+"""Logging through structlog: readable on a terminal, JSON lines with --log-json.
+
+Every line carries the node's name, including lines from libraries that use the
+standard `logging` module (lerobot, torch) and lines logged from background threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_node = "chunkbus"
+
+
+def _add_node(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.setdefault("node", _node)
+    return event
+
+
+def configure_logging(
+    node: str, level: str = "info", json: bool = False, stream: TextIO | None = None
+) -> structlog.stdlib.BoundLogger:
+    """Set up logging for the process of node `node`; returns its logger."""
+    global _node
+    _node = node
+    stream = stream or sys.stderr
+    shared = [
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        _add_node,
+    ]
+    if json:
+        renderer: Any = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        colors = hasattr(stream, "isatty") and stream.isatty()
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return get_logger()
+
+
+def get_logger(**context: Any) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger("chunkbus").bind(**context)

@@ -1,0 +1,219 @@
+"""Publisher and subscriber sockets: a published message is ``[topic, header, *buffers]``.
+
+A publisher never blocks: a subscriber that cannot keep up loses old messages (the
+send high-water mark), which is what a control loop wants. A Subscriber keeps the
+newest message of each topic, received in a background thread with a small receive
+high-water mark; it drains everything waiting and decodes only the newest of each
+topic (ZMQ_CONFLATE would do this, but does not work with multipart messages).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import zmq
+
+from chunkbus.bus.codec import MAX_MESSAGE_BYTES, decode, encode
+from chunkbus.bus.endpoints import claim, publisher_endpoint, resolve
+from chunkbus.bus.log import get_logger
+from chunkbus.bus.messages import Message, MessageError
+
+POLL_MS = 50  # how often a background thread checks that it should stop
+
+
+class Publisher:
+    """Publishes messages on node `node`'s ipc endpoint and on any extra `bind` endpoints.
+
+    A published array is sent from its own memory, without a copy: do not modify it
+    after publishing it.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        bind: Sequence[str] = (),
+        *,
+        ipc: bool = True,
+        context: zmq.Context | None = None,
+        sndhwm: int = 16,
+    ):
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self.socket.setsockopt(zmq.LINGER, 100)
+        self.endpoints: list[str] = []
+        try:
+            for endpoint in ([publisher_endpoint(node)] if ipc else []) + list(bind):
+                claim(endpoint)
+                self.socket.bind(endpoint)
+                # A wildcard port (tcp://127.0.0.1:*) resolves to the one bound.
+                self.endpoints.append(self.socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        except Exception:
+            self.socket.close(linger=0)
+            raise
+
+    def publish(self, topic: str, message: Message) -> None:
+        self.socket.send_multipart([topic.encode(), *encode(message)], copy=False)
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    message: Message
+    receive_time: float  # time.monotonic() when it was received
+
+    @property
+    def age(self) -> float:
+        """Seconds since it was received."""
+        return time.monotonic() - self.receive_time
+
+
+class Subscriber:
+    """Subscribes to `topics` (prefixes; "" is every topic) on `endpoints`.
+
+    ``latest(topic)`` is the newest message of a topic; ``on_message``, if given, is
+    called in the background thread with every message received (nothing is skipped).
+    Malformed messages are logged, counted in ``rejected``, and dropped.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        topics: Sequence[str] = ("",),
+        *,
+        context: zmq.Context | None = None,
+        rcvhwm: int = 4,
+        on_message: Callable[[Received], None] | None = None,
+        max_bytes: int = MAX_MESSAGE_BYTES,
+    ):
+        self.endpoints = [resolve(e) for e in endpoints]
+        self.topics = list(topics)
+        self.received = 0
+        self.rejected = 0
+        self._context = context or zmq.Context.instance()
+        self._rcvhwm = rcvhwm
+        self._on_message = on_message
+        self._max_bytes = max_bytes
+        self._latest: dict[str, Received] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._log = get_logger(component="subscriber")
+        self._last_complaint = 0.0
+        self._thread = threading.Thread(target=self._run, name="chunkbus-subscriber", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+
+    def latest(self, topic: str) -> Received | None:
+        with self._changed:
+            return self._latest.get(topic)
+
+    def wait(self, topic: str, timeout: float, newer_than: float = -1.0) -> Received:
+        """The newest message of `topic` received after `newer_than`; waits up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = self._latest.get(topic)
+                if found is not None and found.receive_time > newer_than:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    raise TimeoutError(
+                        f"no message on topic {topic!r} from {', '.join(self.endpoints)} "
+                        f"within {timeout:.1f} s: is the publishing node running?"
+                    )
+                self._changed.wait(remaining)
+
+    def topics_seen(self) -> list[str]:
+        with self._changed:
+            return sorted(self._latest)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        # The socket lives and dies in this thread: zmq sockets are not thread-safe.
+        try:
+            socket = self._context.socket(zmq.SUB)
+            socket.setsockopt(zmq.RCVHWM, self._rcvhwm)
+            socket.setsockopt(zmq.MAXMSGSIZE, self._max_bytes)
+            socket.setsockopt(zmq.LINGER, 0)
+            for topic in self.topics:
+                socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+            for endpoint in self.endpoints:
+                socket.connect(endpoint)
+        except Exception as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if socket.poll(POLL_MS, zmq.POLLIN):
+                    self._drain(socket)
+        finally:
+            socket.close(linger=0)
+
+    def _drain(self, socket: zmq.Socket) -> None:
+        newest: dict[bytes, tuple[list[zmq.Frame], float]] = {}
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            now = time.monotonic()
+            if self._on_message is not None:
+                self._accept(frames, now)
+            else:
+                newest[frames[0].bytes] = (frames, now)
+        for frames, now in newest.values():
+            self._accept(frames, now)
+
+    def _accept(self, frames: list[zmq.Frame], receive_time: float) -> None:
+        topic = frames[0].bytes.decode("utf-8", "replace")
+        try:
+            if len(frames) < 2:
+                raise MessageError("a published message needs a topic frame and a header frame")
+            message = decode(frames[1:], self._max_bytes)
+        except MessageError as exc:
+            self.rejected += 1
+            self._complain(topic, exc)
+            return
+        received = Received(topic, message, receive_time)
+        self.received += 1
+        with self._changed:
+            self._latest[topic] = received
+            self._changed.notify_all()
+        if self._on_message is not None:
+            self._on_message(received)
+
+    def _complain(self, topic: str, exc: MessageError) -> None:
+        # At most one line a second, so a flood of garbage cannot flood the log too.
+        now = time.monotonic()
+        if now - self._last_complaint >= 1.0:
+            self._last_complaint = now
+            self._log.warning(
+                "dropped malformed message", topic=topic, error=str(exc), rejected=self.rejected
+            )

@@ -1,0 +1,1 @@
+"""chunkbus.launch: the launch-file loader and process supervisor (the launch issue fills it)."""

@@ -1,0 +1,1 @@
+"""chunkbus.nodes: one module per node, and the `chunkbus` command line (cli.py)."""
