@@ -1,9 +1,10 @@
 """The wire format: a message is the ZeroMQ frames ``header *buffers``.
 
-``header`` is a msgpack map::
+``header`` is a msgpack map with these four keys, in this order::
 
-    {"v": PROTOCOL_VERSION, "type": "camera_frame", "fields": {...},
-     "buffers": [{"key": "image", "encoding": "raw", "dtype": "|u1", "shape": [480, 640, 3]}]}
+    {"v": PROTOCOL_VERSION, "type": "camera_frame",
+     "buffers": [{"key": "image", "encoding": "raw", "dtype": "|u1", "shape": [480, 640, 3]}],
+     "fields": {"camera": "front", "seq": 7, "capture_time": 12.5, "image": <ref 0>}}
 
 Small arrays (state, actions: up to INLINE_MAX_BYTES) ride inside ``fields`` in
 msgpack-numpy's format. Larger arrays and JPEG images travel as their own frames and
@@ -29,18 +30,20 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
-from chunkbus.bus.messages import MESSAGE_TYPES, JpegImage, Message, MessageError
+from chunkbus.bus.messages import MESSAGE_TYPES, JpegImage, Message, MessageError, Record
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # default limit of one message, all frames together
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_BUFFERS = 256
 MAX_NDIM = 8
-MAX_DEPTH = 16  # nesting of maps and lists inside the fields
 INLINE_MAX_BYTES = 16 * 1024
 BUFFER_REF = 1  # msgpack extension code of a reference to a buffer frame
+HEADER_KEYS = ("v", "type", "buffers", "fields")  # in this order: see _read_header
 
 ENCODINGS = ("raw", "jpeg")
+_DESCRIPTION_KEYS = {"key", "encoding", "dtype", "shape"}
+_SCALARS = {str, int, float, bool, type(None)}
 _DTYPE = re.compile(r"[<>|=]?[biufc][0-9]{1,2}")
 _JPEG_START = b"\xff\xd8"
 
@@ -64,40 +67,40 @@ def encode(message: Message) -> list[Frame]:
     if not isinstance(message, Message):
         raise MessageError(f"cannot encode {type(message).__name__}: not a chunkbus message")
     # Checking on the way out means a node cannot send what no node would accept.
-    fields = type(message).from_wire(message.to_wire()).to_wire()
+    message.check()
     buffers: list[Frame] = []
     descriptions: list[dict[str, Any]] = []
 
-    def flatten(value: Any, key: str) -> Any:
+    def add_buffer(data: Any, path: tuple, encoding: str, dtype: str, shape: tuple) -> msgpack.ExtType:
+        key = "/".join(map(str, path))
+        descriptions.append({"key": key, "encoding": encoding, "dtype": dtype, "shape": list(shape)})
+        buffers.append(data)
+        return msgpack.ExtType(BUFFER_REF, (len(buffers) - 1).to_bytes(4, "little"))
+
+    def flatten(value: Any, path: tuple) -> Any:
+        if type(value) in _SCALARS:
+            return value
+        if isinstance(value, Record):
+            return {n: flatten(getattr(value, n), (*path, n)) for n in value.SCHEMA}
         if isinstance(value, dict):
-            return {k: flatten(v, f"{key}/{k}" if key else k) for k, v in value.items()}
+            return {k: flatten(v, (*path, k)) for k, v in value.items()}
         if isinstance(value, list):
-            return [flatten(v, f"{key}/{i}") for i, v in enumerate(value)]
+            return [flatten(v, (*path, i)) for i, v in enumerate(value)]
         if isinstance(value, JpegImage):
-            descriptions.append(
-                {"key": key, "encoding": "jpeg", "dtype": "|u1", "shape": list(value.shape)}
-            )
-            buffers.append(value.data)
-            return msgpack.ExtType(BUFFER_REF, (len(buffers) - 1).to_bytes(4, "little"))
+            return add_buffer(value.data, path, "jpeg", "|u1", value.shape)
         if isinstance(value, np.ndarray):
-            if value.nbytes <= INLINE_MAX_BYTES:
-                return msgpack_numpy.encode(np.ascontiguousarray(value))
             contiguous = np.ascontiguousarray(value)  # copies only a non-contiguous array
-            descriptions.append(
-                {
-                    "key": key,
-                    "encoding": "raw",
-                    "dtype": contiguous.dtype.str,
-                    "shape": list(contiguous.shape),
-                }
-            )
+            if value.nbytes <= INLINE_MAX_BYTES:
+                return msgpack_numpy.encode(contiguous)
             # A flat byte view of the same memory: zmq sends it without a copy.
-            buffers.append(contiguous.reshape(-1).view(np.uint8).data)
-            return msgpack.ExtType(BUFFER_REF, (len(buffers) - 1).to_bytes(4, "little"))
+            data = contiguous.reshape(-1).view(np.uint8).data
+            return add_buffer(data, path, "raw", contiguous.dtype.str, contiguous.shape)
+        if isinstance(value, np.generic):
+            return value.item()
         return value
 
-    body = flatten(fields, "")
-    header = {"v": PROTOCOL_VERSION, "type": message.TYPE, "fields": body, "buffers": descriptions}
+    body = flatten(message, ())
+    header = {"v": PROTOCOL_VERSION, "type": message.TYPE, "buffers": descriptions, "fields": body}
     return [msgpack.packb(header, use_bin_type=True), *buffers]
 
 
@@ -105,30 +108,34 @@ def encode(message: Message) -> list[Frame]:
 
 
 @dataclass(frozen=True)
-class _BufferRef:
+class BufferRef:
+    """A reference to buffer `index`, as decode_header leaves it in the fields."""
+
     index: int
 
 
-def _ext_hook(code: int, data: bytes) -> _BufferRef:
-    if code != BUFFER_REF or len(data) != 4:
-        raise MessageError(f"unknown msgpack extension type {code} in the header")
-    return _BufferRef(int.from_bytes(data, "little"))
+_dtypes: dict[str, np.dtype] = {}
 
 
 def _check_dtype(descr: Any, where: str) -> np.dtype:
+    if isinstance(descr, str) and descr in _dtypes:
+        return _dtypes[descr]
     if not isinstance(descr, str) or not _DTYPE.fullmatch(descr):
         raise MessageError(f"{where}: dtype {descr!r:.40} is not a plain numeric dtype")
     try:
-        return np.dtype(descr)
+        dtype = np.dtype(descr)
     except TypeError as exc:
         raise MessageError(f"{where}: dtype {descr!r} is not a valid numpy dtype") from exc
+    _dtypes[descr] = dtype  # at most a few hundred distinct strings match _DTYPE
+    return dtype
 
 
 def _check_shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
         raise MessageError(f"{where}: shape must be a list of at most {MAX_NDIM} sizes")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40 for n in shape):
-        raise MessageError(f"{where}: shape {shape!r:.80} must hold non-negative integers")
+    for n in shape:
+        if type(n) is not int or not 0 <= n < 2**40:
+            raise MessageError(f"{where}: shape {shape!r:.80} must hold non-negative integers")
     return tuple(shape)
 
 
@@ -160,40 +167,84 @@ def _frame_view(frame: Frame) -> memoryview:
         raise MessageError(f"a frame of type {type(frame).__name__} has no bytes") from exc
 
 
-def decode_header(frame: Frame) -> Header:
-    """Parse and check the header frame alone (what a router needs to read)."""
-    view = _frame_view(frame)
+def _read_header(view: memoryview, frames: list[memoryview] | None) -> tuple[Header, list]:
+    """Read the header map key by key, in the order encode() writes it.
+
+    With the buffer frames given, "buffers" is read and each buffer checked before
+    "fields", so that the references inside the fields resolve to their arrays as they
+    are read (no second walk over the fields). Without them, references stay BufferRefs.
+    Returns the header and the resolved buffers.
+    """
     if len(view) > MAX_HEADER_BYTES:
         raise MessageError(f"header of {len(view)} bytes exceeds {MAX_HEADER_BYTES}")
+    resolved: list[np.ndarray | JpegImage] = []
+    used: set[int] = set()
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code != BUFFER_REF or len(data) != 4:
+            raise MessageError(f"unknown msgpack extension type {code} in the header")
+        index = int.from_bytes(data, "little")
+        if frames is None:
+            return BufferRef(index)
+        if index >= len(resolved) or index in used:
+            raise MessageError(f"bad reference to buffer {index}")
+        used.add(index)
+        return resolved[index]
+
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        object_hook=_inline_array,
+        ext_hook=ext_hook,
+        max_buffer_size=MAX_HEADER_BYTES,
+    )
+    unpacker.feed(view)
+    header: dict[str, Any] = {}
     try:
-        header = msgpack.unpackb(
-            view,
-            raw=False,
-            strict_map_key=True,
-            object_hook=_inline_array,
-            ext_hook=_ext_hook,
-        )
+        for position in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if position >= len(HEADER_KEYS) or key != HEADER_KEYS[position]:
+                raise MessageError(
+                    f"header key {key!r:.40} at position {position}: expected the keys "
+                    f"{', '.join(HEADER_KEYS)} in this order"
+                )
+            header[key] = value = unpacker.unpack()
+            if key == "v" and value != PROTOCOL_VERSION:
+                raise MessageError(
+                    f"unknown protocol version {value!r:.20}: this node speaks version "
+                    f"{PROTOCOL_VERSION}; run the same chunkbus version on every host"
+                )
+            if key == "type" and value not in MESSAGE_TYPES:
+                raise MessageError(f"unknown message type {value!r:.40}")
+            if key == "buffers":
+                if not isinstance(value, list) or len(value) > MAX_BUFFERS:
+                    raise MessageError(f"{header['type']}: 'buffers' must be a list of at most {MAX_BUFFERS}")
+                if frames is not None:
+                    if len(value) != len(frames):
+                        raise MessageError(
+                            f"{header['type']}: header describes {len(value)} buffers but "
+                            f"{len(frames)} frames follow it (truncated or extra frames)"
+                        )
+                    resolved.extend(_buffer(d, f, i) for i, (d, f) in enumerate(zip(value, frames)))
+        trailing = len(view) - unpacker.tell()
     except MessageError:
         raise
     except Exception as exc:  # msgpack raises several types for garbage
         raise MessageError(f"header is not a valid msgpack map ({exc.__class__.__name__}: {exc})")
-    if not isinstance(header, dict):
-        raise MessageError(f"header is a {type(header).__name__}, not a map")
-    version = header.get("v")
-    if version != PROTOCOL_VERSION:
-        raise MessageError(
-            f"unknown protocol version {version!r:.20}: this node speaks version "
-            f"{PROTOCOL_VERSION}; run the same chunkbus version on every host"
-        )
-    kind = header.get("type")
-    if kind not in MESSAGE_TYPES:
-        raise MessageError(f"unknown message type {kind!r:.40}")
-    fields, buffers = header.get("fields"), header.get("buffers")
-    if not isinstance(fields, dict) or not isinstance(buffers, list):
-        raise MessageError(f"{kind}: header needs a 'fields' map and a 'buffers' list")
-    if len(buffers) > MAX_BUFFERS:
-        raise MessageError(f"{kind}: {len(buffers)} buffers exceed {MAX_BUFFERS}")
-    return Header(kind, fields, buffers)
+    if len(header) != len(HEADER_KEYS):
+        raise MessageError(f"header lacks {', '.join(HEADER_KEYS[len(header):])}")
+    if trailing:
+        raise MessageError(f"{trailing} bytes follow the header map")
+    if not isinstance(header["fields"], dict):
+        raise MessageError(f"{header['type']}: 'fields' must be a map")
+    if len(used) != len(resolved):
+        raise MessageError(f"{header['type']}: {len(resolved) - len(used)} buffers are not referenced")
+    return Header(header["type"], header["fields"], header["buffers"]), resolved
+
+
+def decode_header(frame: Frame) -> Header:
+    """Parse and check the header frame alone (what a router needs to read)."""
+    return _read_header(_frame_view(frame), None)[0]
 
 
 def _buffer(description: Any, frame: memoryview, index: int) -> np.ndarray | JpegImage:
@@ -201,7 +252,7 @@ def _buffer(description: Any, frame: memoryview, index: int) -> np.ndarray | Jpe
     if not isinstance(description, dict) or not isinstance(description.get("key"), str):
         raise MessageError(f"{where}: description must be a map with a 'key'")
     where = f"buffer {index} ({description['key']!r:.80})"
-    if set(description) != {"key", "encoding", "dtype", "shape"}:
+    if description.keys() != _DESCRIPTION_KEYS:
         raise MessageError(f"{where}: description needs exactly key, encoding, dtype, shape")
     encoding = description["encoding"]
     dtype = _check_dtype(description["dtype"], where)
@@ -237,30 +288,5 @@ def decode(frames: Sequence[Frame], max_bytes: int = MAX_MESSAGE_BYTES) -> Messa
     size = sum(len(view) for view in views)
     if size > max_bytes:
         raise MessageError(f"message of {size} bytes exceeds the limit of {max_bytes}")
-    header = decode_header(views[0])
-    if len(header.buffers) != len(views) - 1:
-        raise MessageError(
-            f"{header.type}: header describes {len(header.buffers)} buffers but "
-            f"{len(views) - 1} frames follow it (truncated or extra frames)"
-        )
-    resolved = [_buffer(d, view, i) for i, (d, view) in enumerate(zip(header.buffers, views[1:]))]
-    used: set[int] = set()
-
-    def substitute(value: Any, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise MessageError(f"{header.type}: fields nested deeper than {MAX_DEPTH}")
-        if isinstance(value, _BufferRef):
-            if value.index >= len(resolved) or value.index in used:
-                raise MessageError(f"{header.type}: bad reference to buffer {value.index}")
-            used.add(value.index)
-            return resolved[value.index]
-        if isinstance(value, dict):
-            return {k: substitute(v, depth + 1) for k, v in value.items()}
-        if isinstance(value, list):
-            return [substitute(v, depth + 1) for v in value]
-        return value
-
-    fields = substitute(header.fields, 0)
-    if len(used) != len(resolved):
-        raise MessageError(f"{header.type}: {len(resolved) - len(used)} buffers are not referenced")
-    return MESSAGE_TYPES[header.type].from_wire(fields)
+    header, _ = _read_header(views[0], views[1:])
+    return MESSAGE_TYPES[header.type].from_wire(header.fields)

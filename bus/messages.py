@@ -81,17 +81,27 @@ Image = np.ndarray | JpegImage
 
 # --- field checkers -------------------------------------------------------------------
 # A checker takes (value, where) and returns the value, or raises MessageError naming
-# `where` (e.g. "observation_request.observations[1].state").
+# `where` (e.g. "observation_request.observations[1].state"). `where` is a string, or
+# a (parent, field) pair that is only joined into one when there is an error to report:
+# decoding checks every field of every message, so it must be cheap when all is well.
 
-Checker = Callable[[Any, str], Any]
+Where = str | tuple
+Checker = Callable[[Any, Where], Any]
 
 MAX_STRING = 4096
 MAX_ITEMS = 256
 ARRAY_KINDS = "biufc"  # bool, signed, unsigned, float, complex: never object or structured
 
 
-def _fail(where: str, problem: str) -> MessageError:
-    return MessageError(f"{where}: {problem}")
+def _path(where: Where) -> str:
+    if isinstance(where, str):
+        return where
+    parent, name = where
+    return f"{_path(parent)}{name}" if isinstance(name, str) and name[0] == "[" else f"{_path(parent)}.{name}"
+
+
+def _fail(where: Where, problem: str) -> MessageError:
+    return MessageError(f"{_path(where)}: {problem}")
 
 
 def _type_name(value: Any) -> str:
@@ -99,8 +109,8 @@ def _type_name(value: Any) -> str:
 
 
 def integer(minimum: int | None = None) -> Checker:
-    def check(value: Any, where: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    def check(value: Any, where: Where) -> int:
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, np.integer)):
             raise _fail(where, f"expected an integer, got {_type_name(value)}")
         if minimum is not None and value < minimum:
             raise _fail(where, f"must be >= {minimum}, got {value}")
@@ -110,8 +120,10 @@ def integer(minimum: int | None = None) -> Checker:
 
 
 def number(minimum: float | None = None) -> Checker:
-    def check(value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    def check(value: Any, where: Where) -> float:
+        if type(value) is not float and (
+            isinstance(value, bool) or not isinstance(value, (int, np.integer, np.floating))
+        ):
             raise _fail(where, f"expected a number, got {_type_name(value)}")
         if not math.isfinite(value):
             raise _fail(where, f"must be finite, got {value}")
@@ -123,7 +135,7 @@ def number(minimum: float | None = None) -> Checker:
 
 
 def boolean() -> Checker:
-    def check(value: Any, where: str) -> bool:
+    def check(value: Any, where: Where) -> bool:
         if not isinstance(value, (bool, np.bool_)):
             raise _fail(where, f"expected true or false, got {_type_name(value)}")
         return bool(value)
@@ -134,7 +146,7 @@ def boolean() -> Checker:
 def text(pattern: str | None = None, choices: tuple[str, ...] | None = None) -> Checker:
     compiled = re.compile(pattern) if pattern else None
 
-    def check(value: Any, where: str) -> str:
+    def check(value: Any, where: Where) -> str:
         if not isinstance(value, str):
             raise _fail(where, f"expected a string, got {_type_name(value)}")
         if len(value) > MAX_STRING:
@@ -151,7 +163,7 @@ def text(pattern: str | None = None, choices: tuple[str, ...] | None = None) -> 
 def array(ndim: int | None = None, kinds: str = "iuf") -> Checker:
     """A numpy array of the given rank whose dtype kind is one of `kinds`."""
 
-    def check(value: Any, where: str) -> np.ndarray:
+    def check(value: Any, where: Where) -> np.ndarray:
         if not isinstance(value, np.ndarray):
             raise _fail(where, f"expected a numpy array, got {_type_name(value)}")
         if value.dtype.kind not in kinds:
@@ -166,7 +178,7 @@ def array(ndim: int | None = None, kinds: str = "iuf") -> Checker:
 def image() -> Checker:
     """An HxW or HxWxC uint8 image (C in 1..4), raw or JPEG."""
 
-    def check(value: Any, where: str) -> Image:
+    def check(value: Any, where: Where) -> Image:
         if isinstance(value, JpegImage):
             if len(value.shape) != 3 or not 1 <= value.shape[2] <= 4:
                 raise _fail(where, f"JPEG image shape {value.shape} is not HxWxC")
@@ -183,25 +195,25 @@ def image() -> Checker:
 
 
 def optional(inner: Checker) -> Checker:
-    def check(value: Any, where: str) -> Any:
+    def check(value: Any, where: Where) -> Any:
         return None if value is None else inner(value, where)
 
     return check
 
 
 def list_of(inner: Checker, max_items: int = MAX_ITEMS) -> Checker:
-    def check(value: Any, where: str) -> list:
+    def check(value: Any, where: Where) -> list:
         if not isinstance(value, (list, tuple)):
             raise _fail(where, f"expected a list, got {_type_name(value)}")
         if len(value) > max_items:
             raise _fail(where, f"list of {len(value)} items exceeds {max_items}")
-        return [inner(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [inner(item, (where, f"[{i}]")) for i, item in enumerate(value)]
 
     return check
 
 
 def dict_of(inner: Checker, max_items: int = MAX_ITEMS) -> Checker:
-    def check(value: Any, where: str) -> dict:
+    def check(value: Any, where: Where) -> dict:
         if not isinstance(value, dict):
             raise _fail(where, f"expected a map, got {_type_name(value)}")
         if len(value) > max_items:
@@ -210,16 +222,17 @@ def dict_of(inner: Checker, max_items: int = MAX_ITEMS) -> Checker:
         for key, item in value.items():
             if not isinstance(key, str) or len(key) > MAX_STRING:
                 raise _fail(where, f"map keys must be strings, got {key!r:.80}")
-            out[key] = inner(item, f"{where}[{key!r}]")
+            out[key] = inner(item, (where, f"[{key!r}]"))
         return out
 
     return check
 
 
 def record(cls: type[Record]) -> Checker:
-    def check(value: Any, where: str) -> Record:
+    def check(value: Any, where: Where) -> Record:
         if isinstance(value, cls):
-            return cls.from_wire(value.to_wire(), where)
+            value.check(where)
+            return value
         return cls.from_wire(value, where)
 
     return check
@@ -229,38 +242,58 @@ def record(cls: type[Record]) -> Checker:
 
 
 class Record:
-    """A dataclass whose fields are checked by SCHEMA (one checker per field)."""
+    """A dataclass whose fields are checked by SCHEMA: one checker per field, in field order."""
 
     SCHEMA: ClassVar[dict[str, Checker]]
+
+    @classmethod
+    def required_fields(cls) -> frozenset[str]:
+        required = cls.__dict__.get("_required")
+        if required is None:  # computed once per class: dataclasses.fields() is slow
+            required = frozenset(
+                f.name
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
+            cls._required = required
+        return required
+
+    def check(self, where: Where | None = None) -> None:
+        """Run every field's checker, as decoding would: raises MessageError if one fails."""
+        where = where or getattr(self, "TYPE", type(self).__name__)
+        for name, checker in self.SCHEMA.items():
+            checker(getattr(self, name), (where, name))
 
     def to_wire(self) -> dict[str, Any]:
         """The fields as a map; nested records become maps. Arrays stay arrays."""
         out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
+        for name in self.SCHEMA:
+            value = getattr(self, name)
             if isinstance(value, Record):
                 value = value.to_wire()
             elif isinstance(value, list) and value and isinstance(value[0], Record):
                 value = [item.to_wire() for item in value]
-            out[f.name] = value
+            out[name] = value
         return out
 
     @classmethod
-    def from_wire(cls, fields: Any, where: str | None = None):
+    def from_wire(cls, fields: Any, where: Where | None = None):
         """Check every field and build the record; unknown or missing fields are errors."""
         where = where or getattr(cls, "TYPE", cls.__name__)
         if not isinstance(fields, dict):
             raise _fail(where, f"expected a map of fields, got {_type_name(fields)}")
-        unknown = set(fields) - set(cls.SCHEMA)
-        if unknown:
-            names = ", ".join(sorted(map(str, unknown)))
-            raise _fail(where, f"unknown field(s) {names}")
+        schema = cls.SCHEMA
         values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in fields:
-                values[f.name] = cls.SCHEMA[f.name](fields[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise _fail(where, f"missing field {f.name!r}")
+        for name, value in fields.items():
+            checker = schema.get(name)
+            if checker is None:
+                unknown = ", ".join(sorted(map(str, fields.keys() - schema.keys())))
+                raise _fail(where, f"unknown field(s) {unknown}")
+            values[name] = checker(value, (where, name))
+        if len(values) < len(schema):
+            missing = cls.required_fields() - values.keys()
+            if missing:
+                raise _fail(where, f"missing field {sorted(missing)[0]!r}")
         return cls(**values)
 
 

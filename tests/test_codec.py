@@ -402,3 +402,10 @@ def test_invalid_messages_cannot_be_sent():
         encode(ErrorReply("r-1", "oops", "?"))
     with pytest.raises(MessageError, match="not a chunkbus message"):
         encode({"type": "camera_frame"})
+
+
+def test_every_schema_checks_exactly_the_dataclass_fields_in_order():
+    import dataclasses
+
+    for cls in [*MESSAGE_TYPES.values(), Observation]:
+        assert list(cls.SCHEMA) == [f.name for f in dataclasses.fields(cls)], cls.__name__
