@@ -1,0 +1,113 @@
+"""What a worker serves: a policy that turns observation requests into action chunks.
+
+`load_policy("scripted:sine")` gives a scripted policy (deterministic trajectories,
+no torch) for tests and benchmarks; anything else is a LeRobot checkpoint folder or
+hub id, loaded by lerobot's own code (nodes/lerobot_policy.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from chunkbus.bus.messages import ObservationRequest
+
+
+class BadRequest(ValueError):
+    """The request does not fit the model (missing camera, wrong state size, ...)."""
+
+
+@dataclass
+class Result:
+    actions: np.ndarray | None = None  # (chunk, action size) float32
+    error: BadRequest | None = None
+
+
+@dataclass
+class BatchResult:
+    results: list[Result]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, for the whole batch
+
+
+class Policy(Protocol):
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """The model description a worker puts in its READY: type, inputs, action size, ..."""
+
+    def run(self, requests: list[ObservationRequest]) -> BatchResult:
+        """One action chunk (or a BadRequest) per request, computed as one batch."""
+
+
+class ScriptedPolicy:
+    """A deterministic trajectory: a request made at tick k gets actions f(k), f(k+1), ...
+
+    ``sine``: f(t)[j] = amplitude * sin(2*pi*t/period + j); ``constant``: f(t)[j] = value.
+    Options as a query: ``scripted:sine?chunk=50&actions=6&period=90&amplitude=20``,
+    ``delay=0.1`` (seconds per batch) or ``delay=0.05-0.3`` (uniform, seeded by ``seed``).
+    """
+
+    KINDS = ("sine", "constant")
+
+    def __init__(self, spec: str):
+        kind, _, query = spec.removeprefix("scripted:").partition("?")
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown scripted policy {kind!r}: choose one of {', '.join(self.KINDS)}")
+        options = dict(parse_qsl(query, strict_parsing=bool(query)))
+        known = {"chunk", "actions", "period", "amplitude", "value", "delay", "seed"}
+        if unknown := set(options) - known:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for {spec!r}: known: {', '.join(sorted(known))}")
+        self.kind = kind
+        self.name = f"scripted:{kind}"
+        self.chunk = int(options.get("chunk", 50))
+        self.action_size = int(options.get("actions", 6))
+        self.period = float(options.get("period", 90))
+        self.amplitude = float(options.get("amplitude", 20))
+        self.value = float(options.get("value", 0))
+        low, _, high = options.get("delay", "0").partition("-")
+        self.delay = (float(low), float(high or low))
+        self.random = random.Random(int(options.get("seed", 0)))
+
+    def trajectory(self, ticks: np.ndarray) -> np.ndarray:
+        """f at each tick: (len(ticks), action size) float32."""
+        if self.kind == "constant":
+            return np.full((len(ticks), self.action_size), self.value, np.float32)
+        joints = np.arange(self.action_size)
+        phase = 2 * math.pi * ticks[:, None] / self.period + joints[None, :]
+        return (self.amplitude * np.sin(phase)).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": self.name,
+            "scripted": True,
+            "inputs": {},
+            "n_obs_steps": 1,
+            "action_size": self.action_size,
+            "chunk_size": self.chunk,
+            "fps": None,
+        }
+
+    def run(self, requests: list[ObservationRequest]) -> BatchResult:
+        start = time.perf_counter()
+        low, high = self.delay
+        if high > 0:
+            time.sleep(self.random.uniform(low, high))
+        results = [
+            Result(self.trajectory(np.arange(r.tick, r.tick + self.chunk, dtype=np.float64)))
+            for r in requests
+        ]
+        return BatchResult(results, {"inference": time.perf_counter() - start})
+
+
+def load_policy(spec: str, device: str = "cpu") -> Policy:
+    if spec.startswith("scripted:"):
+        return ScriptedPolicy(spec)
+    from chunkbus.nodes.lerobot_policy import LerobotPolicy
+
+    return LerobotPolicy(spec, device)
