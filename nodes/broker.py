@@ -172,6 +172,9 @@ class Broker:
             self.answer(request, "failed", "the broker is shutting down")
         for worker in self.workers.values():
             self.backend.send_multipart([worker.identity, b"", mdp.WORKER, mdp.DISCONNECT])
+        # Give zmq's I/O thread time to deliver those answers: in tests, closing a ROUTER
+        # socket with LINGER alone lost messages it had just queued.
+        time.sleep(0.25)
         self.frontend.close(linger=100)
         self.backend.close(linger=100)
         self.log.info("broker stopped")
@@ -179,8 +182,8 @@ class Broker:
     # --- clients -------------------------------------------------------------------------
 
     def on_client_message(self, frames: list) -> None:
-        if len(frames) < 4 or frames[1].bytes != b"" or frames[2].bytes != mdp.CLIENT:
-            return self.malformed("frontend", "not an MDP/0.1 client request", frames)
+        if len(frames) < 5 or frames[1].bytes != b"" or frames[2].bytes != mdp.CLIENT:
+            return self.malformed("frontend", "not an MDP/0.1 client request with a body", frames)
         client, body = frames[0].bytes, frames[4:]
         try:
             service_name = frames[3].bytes.decode("utf-8")
@@ -236,6 +239,9 @@ class Broker:
         if command == mdp.READY:
             return self.on_ready(identity, worker, frames[4:])
         if worker is None:
+            if command == mdp.REPLY:  # from a worker that was dropped: its request moved on
+                self.counters["late_replies"] += 1
+                self.log.info("discarded a reply from a dropped worker", identity=identity.hex())
             # RFC 7: a worker the broker does not know is told to disconnect (and re-register).
             self.backend.send_multipart([identity, b"", mdp.WORKER, mdp.DISCONNECT])
             return

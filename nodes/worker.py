@@ -128,9 +128,10 @@ class WorkerLink:
             return None
         command = frames[2].bytes
         if command == mdp.REQUEST:
-            if len(frames) < 6 or frames[4].bytes != b"":
+            if len(frames) < 5 or frames[4].bytes != b"":
                 self.log.warning("dropped a malformed REQUEST from the broker")
                 return None
+            # Even a request without a body is passed on: it must get an (error) answer.
             self._inner.send_multipart([frames[3], *frames[5:]], copy=False)
         elif command == mdp.DISCONNECT:
             self.log.warning("the broker asked this worker to register again")

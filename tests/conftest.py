@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,14 +36,19 @@ def runtime_dir(monkeypatch):
 
 
 class Processes:
-    """Starts helper processes and kills every one of them at teardown, also on failure."""
+    """Starts helper processes and kills every one of them at teardown, also on failure.
+
+    A process's stderr is read by a thread into `process.log_lines` (so a chatty process
+    never blocks on a full pipe); `wait_log` waits for a line.
+    """
 
     def __init__(self):
         self.started: list[subprocess.Popen] = []
 
-    def start(self, *args: str, **kwargs) -> subprocess.Popen:
+    def start(self, *args: str, script: bool = False, **kwargs) -> subprocess.Popen:
+        """Run `args` with this Python, or as a program of its own with script=True."""
         process = subprocess.Popen(
-            [sys.executable, *args],
+            list(args) if script else [sys.executable, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -49,8 +56,33 @@ class Processes:
             start_new_session=True,
             **kwargs,
         )
+        process.log_lines = []
+        threading.Thread(target=self._collect, args=(process,), daemon=True).start()
         self.started.append(process)
         return process
+
+    @staticmethod
+    def _collect(process: subprocess.Popen) -> None:
+        for line in process.stderr:
+            process.log_lines.append(line)
+
+    @staticmethod
+    def wait_log(process: subprocess.Popen, text: str, timeout: float = 60.0, start: int = 0) -> str:
+        """The first line from index `start` on containing `text`; fails if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in process.log_lines[start:]:
+                if text in line:
+                    return line
+            if process.poll() is not None and not any(text in l for l in process.log_lines[start:]):
+                time.sleep(0.1)  # let the reader thread catch the last lines
+                if not any(text in l for l in process.log_lines[start:]):
+                    raise AssertionError(
+                        f"process exited ({process.returncode}) before logging {text!r}:\n"
+                        + "".join(process.log_lines[-20:])
+                    )
+            time.sleep(0.02)
+        raise AssertionError(f"no {text!r} within {timeout} s:\n" + "".join(process.log_lines[-20:]))
 
     def helper(self, name: str, *args: str, **kwargs) -> subprocess.Popen:
         return self.start(str(HELPERS / name), *args, **kwargs)
@@ -59,7 +91,8 @@ class Processes:
     def first_line_json(process: subprocess.Popen) -> dict:
         line = process.stdout.readline()
         if not line:
-            raise AssertionError(f"process exited early: {process.stderr.read()}")
+            process.wait(timeout=10)
+            raise AssertionError("process exited early:\n" + "".join(process.log_lines))
         return json.loads(line)
 
     def cleanup(self):
@@ -67,9 +100,8 @@ class Processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-            for stream in (process.stdout, process.stderr):
-                if stream:
-                    stream.close()
+            if process.stdout:
+                process.stdout.close()
 
 
 @pytest.fixture
