@@ -1,0 +1,232 @@
+"""The broker under load, on this machine over loopback TCP, all measured in one run:
+
+  req_per_s              requests per second through the broker to four scripted workers
+                         (`chunkbus worker --policy scripted:constant?chunk=1`), small
+                         payloads, 64 requests kept in flight by one client
+  p50_us, p99_us         latency the broker adds: the round trip client -> broker -> worker
+                         -> broker -> client, minus the round trip client -> worker -> client
+                         without a broker (same payload; the worker is a bare echo in both)
+  high_priority_p99_us   p99 round trip of priority-10 requests sent one at a time while
+  low_priority_p99_us    priority-0 requests keep the four workers (20 ms per request) busy
+
+Its last line is JSON with these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from chunkbus.bus import Observation, ObservationRequest, encode
+from chunkbus.bus.client import BrokerClient
+
+CHUNKBUS = str(Path(sys.executable).parent / "chunkbus")
+
+ECHO_WORKER = """
+import sys, zmq
+socket = zmq.Context().socket(zmq.DEALER)
+socket.connect(sys.argv[1])
+socket.send_multipart([b"", b"MDPW01", b"\\x01", b"echo"])
+while True:
+    frames = socket.recv_multipart(copy=False)
+    if frames[2].bytes == b"\\x02":
+        socket.send_multipart([b"", b"MDPW01", b"\\x03", frames[3], b"", *frames[5:]], copy=False)
+    elif frames[2].bytes == b"\\x04":
+        socket.send_multipart([b"", b"MDPW01", b"\\x04"])
+"""
+
+DIRECT_ECHO = """
+import sys, zmq
+socket = zmq.Context().socket(zmq.ROUTER)
+port = socket.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+while True:
+    socket.send_multipart(socket.recv_multipart(copy=False), copy=False)
+"""
+
+
+def small_request(request_id: str, priority: int = 0) -> ObservationRequest:
+    return ObservationRequest(
+        robot_id="bench",
+        request_id=request_id,
+        tick=0,
+        fps=30.0,
+        send_time=time.monotonic(),
+        task="bench",
+        observations=[Observation(tick=0, time=0.0, state=np.zeros(6, np.float32))],
+        priority=priority,
+    )
+
+
+class Cluster:
+    def __init__(self):
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, *args: str, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+        process = subprocess.Popen(args, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def broker(self) -> tuple[str, str]:
+        process = self.start(CHUNKBUS, "--log-json", "broker", "--frontend", "tcp://127.0.0.1:*",
+                             "--backend", "tcp://127.0.0.1:*", "--max-queue", "1000")
+        for line in process.stderr:
+            event = json.loads(line)
+            if event["event"] == "broker ready":
+                threading.Thread(target=process.stderr.read, daemon=True).start()
+                return event["frontend"], event["backend"]
+        raise RuntimeError("the broker did not start")
+
+    def worker(self, backend: str, policy: str, service: str) -> None:
+        process = self.start(CHUNKBUS, "--log-json", "worker", "--broker", backend, "--policy", policy,
+                             "--service", service)
+        for line in process.stderr:
+            if json.loads(line)["event"] == "worker ready":
+                threading.Thread(target=process.stderr.read, daemon=True).start()
+                return
+        raise RuntimeError("a worker did not start")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_for_workers(client: BrokerClient, service: str, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while client.status()["services"].get(service, {}).get("workers", 0) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} workers for {service} did not register")
+        time.sleep(0.05)
+
+
+def throughput(frontend: str, seconds: float, window: int = 64) -> float:
+    body = encode(small_request("t"))
+    with BrokerClient(frontend) as client:
+        for _ in range(window):
+            client.send_frames("scripted", body)
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            if client.receive_frames(5.0) is None:
+                raise RuntimeError("throughput: a reply did not come")
+            done += 1
+            client.send_frames("scripted", body)
+        return done / elapsed
+
+
+def round_trips(send, receive, count: int) -> np.ndarray:
+    times = []
+    for _ in range(count + 50):
+        start = time.perf_counter_ns()
+        send()
+        if receive() is None:
+            raise RuntimeError("a round trip did not come back")
+        times.append(time.perf_counter_ns() - start)
+    return np.array(times[50:]) / 1000  # microseconds, after a warm-up
+
+
+def broker_overhead(cluster: Cluster, frontend: str, backend: str, count: int) -> dict:
+    cluster.start(sys.executable, "-c", ECHO_WORKER, backend)
+    direct = cluster.start(sys.executable, "-c", DIRECT_ECHO, stdout=subprocess.PIPE)
+    port = int(direct.stdout.readline())
+    body = encode(small_request("latency"))
+    with BrokerClient(frontend) as client:
+        wait_for_workers(client, "echo", 1)
+        via_broker = round_trips(lambda: client.send_frames("echo", body), lambda: client.receive_frames(5), count)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.connect(f"tcp://127.0.0.1:{port}")
+    frames = [b"", b"MDPC01", b"echo", *body]
+    without = round_trips(
+        lambda: socket.send_multipart(frames, copy=False),
+        lambda: socket.recv_multipart(copy=False) if socket.poll(5000) else None,
+        count,
+    )
+    socket.close(linger=0)
+    b50, b99 = np.percentile(via_broker, [50, 99])
+    d50, d99 = np.percentile(without, [50, 99])
+    return {"p50_us": b50 - d50, "p99_us": b99 - d99, "round_trip_p50_us": b50,
+            "round_trip_p99_us": b99, "direct_p50_us": d50, "direct_p99_us": d99}
+
+
+def priorities(frontend: str, seconds: float) -> dict:
+    stop = threading.Event()
+    low_latencies: list[float] = []
+
+    def low_load():
+        body = encode(small_request("low", priority=0))
+        with BrokerClient(frontend) as client:
+            sent: list[float] = []
+            for _ in range(16):  # four workers, four deep each: always a queue
+                client.send_frames("slow", body)
+                sent.append(time.perf_counter())
+            while not stop.is_set():
+                if client.receive_frames(5.0) is None:
+                    break
+                low_latencies.append((time.perf_counter() - sent.pop(0)) * 1e6)
+                client.send_frames("slow", body)
+                sent.append(time.perf_counter())
+
+    thread = threading.Thread(target=low_load)
+    thread.start()
+    time.sleep(0.5)
+    high = []
+    with BrokerClient(frontend) as client:
+        body = encode(small_request("high", priority=10))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            client.send_frames("slow", body)
+            if client.receive_frames(5.0) is None:
+                raise RuntimeError("a high-priority request was not answered")
+            high.append((time.perf_counter() - start) * 1e6)
+    stop.set()
+    thread.join()
+    return {
+        "high_priority_p99_us": float(np.percentile(high, 99)),
+        "low_priority_p99_us": float(np.percentile(low_latencies, 99)),
+        "high_priority_p50_us": float(np.percentile(high, 50)),
+        "low_priority_p50_us": float(np.percentile(low_latencies, 50)),
+        "high_priority_requests": len(high),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per throughput/priority phase")
+    parser.add_argument("--count", type=int, default=1000, help="round trips per latency path")
+    args = parser.parse_args()
+    cluster = Cluster()
+    try:
+        frontend, backend = cluster.broker()
+        for _ in range(4):
+            cluster.worker(backend, "scripted:constant?chunk=1&actions=6", "scripted")
+            cluster.worker(backend, "scripted:constant?chunk=1&actions=6&delay=0.02", "slow")
+        with BrokerClient(frontend) as client:
+            wait_for_workers(client, "scripted", 4)
+            wait_for_workers(client, "slow", 4)
+        figures = {"req_per_s": throughput(frontend, args.seconds)}
+        print(f"throughput: {figures['req_per_s']:.0f} requests/s through four scripted workers")
+        figures.update(broker_overhead(cluster, frontend, backend, args.count))
+        print(f"broker adds p50 {figures['p50_us']:.0f} us, p99 {figures['p99_us']:.0f} us "
+              f"(round trip p50 {figures['round_trip_p50_us']:.0f} us vs {figures['direct_p50_us']:.0f} us direct)")
+        figures.update(priorities(frontend, args.seconds))
+        print(f"under low-priority saturation: high-priority p99 {figures['high_priority_p99_us'] / 1000:.1f} ms, "
+              f"low-priority p99 {figures['low_priority_p99_us'] / 1000:.1f} ms")
+    finally:
+        cluster.stop()
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
