@@ -28,3 +28,10 @@ def test_bench_codec_reports_every_figure():
     assert figures["speedup_vs_pickle"] == figures["pickle_us"] / figures["chunkbus_us"]
     assert figures["ratio_to_memcpy"] == figures["chunkbus_us"] / figures["memcpy_us"]
     assert figures["payload_bytes"] == 2 * 480 * 640 * 3 + 6 * 4
+
+
+def test_bench_broker_reports_every_figure():
+    figures = last_json_line("scripts/bench_broker.py", "--seconds", "0.5", "--count", "50")
+    for key in ("req_per_s", "p50_us", "p99_us", "high_priority_p99_us", "low_priority_p99_us"):
+        assert key in figures
+    assert figures["req_per_s"] > 0 and figures["high_priority_requests"] > 0
