@@ -26,22 +26,30 @@ import numpy as np
 from chunkbus.bus import Observation, ObservationRequest, decode, encode
 
 
-def observation() -> ObservationRequest:
+def observation(steps: int = 1) -> ObservationRequest:
+    """Two cameras and a state; `steps` observations of history (VQBet sends 5)."""
     rng = np.random.default_rng(0)
-    images = {
-        f"observation.images.{name}": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
-        for name in ("front", "wrist")
-    }
-    state = rng.standard_normal(6).astype(np.float32)
+    history = []
+    for step in range(steps):
+        images = {
+            f"observation.images.{name}": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+            for name in ("front", "wrist")
+        }
+        state = rng.standard_normal(6).astype(np.float32)
+        history.append(Observation(tick=step, time=time.monotonic(), state=state, images=images))
     return ObservationRequest(
         robot_id="so101",
         request_id="so101-1",
-        tick=1,
+        tick=steps - 1,
         fps=30.0,
         send_time=time.monotonic(),
         task="pick up the cube",
-        observations=[Observation(tick=1, time=time.monotonic(), state=state, images=images)],
+        observations=history,
     )
+
+
+def arrays_of(request: ObservationRequest) -> list[np.ndarray]:
+    return [a for o in request.observations for a in (o.state, *o.images.values())]
 
 
 def best_of_rounds(functions: dict, iterations: int, rounds: int) -> dict[str, float]:
@@ -71,8 +79,12 @@ def main() -> None:
         "observation.state": request.observations[0].state,
         **request.observations[0].images,
     }
-    arrays = [request.observations[0].state, *request.observations[0].images.values()]
+    arrays = arrays_of(request)
     targets = [np.empty_like(a) for a in arrays]
+    # The same with a five-step history: the codec's cost is per message, memcpy's per byte.
+    history = observation(steps=5)
+    history_arrays = arrays_of(history)
+    history_targets = [np.empty_like(a) for a in history_arrays]
     payload = sum(a.nbytes for a in arrays)
 
     def chunkbus():
@@ -89,6 +101,13 @@ def main() -> None:
         for target, source in zip(targets, arrays):
             np.copyto(target, source)
 
+    def chunkbus_history():
+        decode(encode(history))
+
+    def memcpy_history():
+        for target, source in zip(history_targets, history_arrays):
+            np.copyto(target, source)
+
     # Check the round trip before timing it.
     decoded = decode(encode(request)).observations[0]
     for key, image in request.observations[0].images.items():
@@ -99,15 +118,19 @@ def main() -> None:
         "pickle_us": pickled,
         "msgpack_numpy_us": msgpack_inline,
         "memcpy_us": memcpy,
+        "history5_chunkbus_us": chunkbus_history,
+        "history5_memcpy_us": memcpy_history,
     }
     figures = best_of_rounds(functions, args.iterations, args.rounds)
     for name, value in figures.items():
-        print(f"{name[:-3]:>14}: {value:9.1f} us")
+        print(f"{name[:-3]:>25}: {value:9.1f} us")
     figures.update(
         payload_bytes=payload,
         speedup_vs_pickle=figures["pickle_us"] / figures["chunkbus_us"],
         speedup_vs_msgpack_numpy=figures["msgpack_numpy_us"] / figures["chunkbus_us"],
         ratio_to_memcpy=figures["chunkbus_us"] / figures["memcpy_us"],
+        history5_payload_bytes=sum(a.nbytes for a in history_arrays),
+        history5_ratio_to_memcpy=figures["history5_chunkbus_us"] / figures["history5_memcpy_us"],
         machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
         python=platform.python_version(),
     )
