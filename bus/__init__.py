@@ -12,6 +12,7 @@ from chunkbus.bus.messages import (
     MessageError,
     Observation,
     ObservationRequest,
+    Stats,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "MessageError",
     "Observation",
     "ObservationRequest",
+    "Stats",
     "decode",
     "decode_header",
     "encode",

@@ -454,6 +454,21 @@ class ActionChunk(Message):
     }
 
 
+@dataclass(eq=False)
+class Stats(Message):
+    """A node's figures, published once a second on topic ``<node>/stats``."""
+
+    TYPE: ClassVar[str] = "stats"
+    node: str
+    time: float
+    figures: dict[str, float]
+    SCHEMA: ClassVar = {
+        "node": text(NAME),
+        "time": number(),
+        "figures": dict_of(number()),
+    }
+
+
 ERROR_CODES = (
     "bad_request",  # the request itself is wrong (missing camera, wrong state size, ...)
     "expired",  # its time-to-live passed before a worker took it

@@ -126,5 +126,90 @@ def ping(log: LogOptions, broker_address: str, service: str, count: int, timeout
     run_ping(broker_address, service, count, timeout)
 
 
+@main.command()
+@click.option("--name", required=True, help="The camera's name: it publishes on camera/NAME.")
+@click.option("--source", default="synthetic", help="synthetic, a device index or /dev/videoN, or a video file.")
+@click.option("--fps", type=click.FloatRange(min=0.1), default=30.0)
+@click.option("--width", type=int, default=None, help="Frame width [default: 640 for synthetic, the device's].")
+@click.option("--height", type=int, default=None)
+@click.option("--fourcc", default=None, help="Device pixel format, e.g. MJPG.")
+@click.option("--encoding", type=click.Choice(["raw", "jpeg"]), default="raw")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90)
+@click.option("--node", "node_name", default=None, help="Node name [default: camera_NAME].")
+@click.option("--bind", multiple=True, help="Also publish on this endpoint, e.g. tcp://*:6001.")
+@click.pass_obj
+def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, jpeg_quality, node_name, bind) -> None:
+    """Publish one camera's frames at a fixed rate."""
+    from chunkbus.nodes.camera import CameraError, CameraNode, open_source, serve
+
+    node_name = node_name or f"camera_{name}"
+    log.start(node_name)
+    try:
+        node = CameraNode(
+            name, lambda: open_source(source, width, height, fps, fourcc), fps, encoding, jpeg_quality, node_name, bind
+        )
+    except CameraError as exc:
+        raise click.ClickException(str(exc))
+    serve(node)
+
+
+@main.command()
+@click.option("--driver", type=click.Choice(["sim"]), default="sim", help="sim: a simulated SO-101.")
+@click.option("--name", default="arm", help="Node name; it publishes `state`.")
+@click.option("--rate", type=click.FloatRange(min=1), default=50.0, help="State rate (Hz).")
+@click.option("--hold-after", type=click.FloatRange(min=0), default=0.5, help="Seconds without commands before holding.")
+@click.option("--max-step", type=click.FloatRange(min=0), default=10.0, help="Largest change of a joint per command.")
+@click.option("--commands-from", multiple=True, default=["actuator"], help="Nodes or endpoints publishing `command`.")
+@click.pass_obj
+def arm(log: LogOptions, driver, name, rate, hold_after, max_step, commands_from) -> None:
+    """Own the motor bus: publish state, apply commands through the safety layer."""
+    from chunkbus.nodes.arm import SimArm, serve
+
+    log.start(name)
+    serve(SimArm(), name, rate, hold_after, max_step, list(commands_from))
+
+
+def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, target = value.partition("=")
+        if not sep or not key or not target:
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE", param_hint=option)
+        pairs[key] = target
+    return pairs
+
+
+@main.command()
+@click.option("--broker", "broker_address", default="tcp://127.0.0.1:5555", help="The broker's frontend.")
+@click.option("--service", required=True, help="The policy service to ask for chunks.")
+@click.option("--robot-id", default="robot", help="Names this robot's requests (and their replace key).")
+@click.option("--task", default="", help="The task, for language-conditioned policies.")
+@click.option("--fps", type=click.FloatRange(min=1), default=30.0, help="Control rate (Hz).")
+@click.option("--strategy", type=click.Choice(["replace", "crossfade", "ensemble"]), default="replace")
+@click.option("--crossfade-window", type=click.IntRange(1), default=5, help="Ticks to blend over (crossfade).")
+@click.option("--ensemble-m", type=float, default=0.01, help="Weight decay m of exp(-m*i) (ensemble).")
+@click.option("--priority", type=int, default=0)
+@click.option("--ttl", type=click.FloatRange(min=0), default=0.5, help="Seconds a request may wait in the broker.")
+@click.option("--camera", "cameras", multiple=True, help="A camera to send: NAME, or NAME=FEATURE_KEY.")
+@click.option("--camera-node", multiple=True, help="Where camera NAME publishes: NAME=NODE_OR_ENDPOINT.")
+@click.option("--arm", "arm_node", default="arm", help="The arm node, or its endpoint.")
+@click.option("--max-obs-age", type=click.FloatRange(min=0), default=0.25, help="Refuse older frames/state (s).")
+@click.option("--n-obs-steps", type=click.IntRange(1), default=None, help="History length [default: the model's].")
+@click.option("--request-timeout", type=click.FloatRange(min=0.01), default=2.0)
+@click.option("--name", default="actuator", help="Node name; it publishes `command`.")
+@click.pass_obj
+def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **options) -> None:
+    """Run the control loop: request chunks, stitch them, command the arm every tick."""
+    from chunkbus.nodes.actuator import ActuatorConfig, serve
+
+    log.start(options["name"])
+    camera_map = {}
+    for value in cameras:
+        name, _, feature = value.partition("=")
+        camera_map[name] = feature or f"observation.images.{name}"
+    serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
+                         camera_nodes=_pairs(camera_node, "--camera-node"), **options))
+
+
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from chunkbus.bus import (
     MessageError,
     Observation,
     ObservationRequest,
+    Stats,
     decode,
     encode,
 )
@@ -130,6 +131,7 @@ def messages():
             timings=st.dictionaries(st.text(max_size=10), st.floats(0, 100), max_size=4),
         ),
         st.builds(ErrorReply, st.text(max_size=20), st.sampled_from(ERROR_CODES), st.text()),
+        st.builds(Stats, names, times, st.dictionaries(st.text(max_size=10), times, max_size=6)),
     )
 
 
@@ -164,7 +166,7 @@ def test_every_message_type_round_trips(message):
 
 
 def test_strategies_cover_every_message_type():
-    covered = {CameraFrame, ArmState, Command, ObservationRequest, ActionChunk, ErrorReply}
+    covered = {CameraFrame, ArmState, Command, ObservationRequest, ActionChunk, ErrorReply, Stats}
     assert covered == set(MESSAGE_TYPES.values())
 
 
