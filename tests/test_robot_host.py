@@ -1,0 +1,156 @@
+"""The robot host's nodes as real processes: camera, arm, actuator, with a broker and worker."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from chunkbus.bus import Command
+from chunkbus.bus.sockets import Publisher, Subscriber
+from chunkbus.nodes.camera import synthetic_seq
+from chunkbus.nodes.policies import ScriptedPolicy
+from mdp_peers import CHUNKBUS, kill, start_broker, start_worker, wait_for
+
+
+def start_node(processes, ready: str, *args: str):
+    process = processes.start(CHUNKBUS, "--log-json", *args, script=True)
+    processes.wait_log(process, f'"{ready}"', timeout=60)
+    return process
+
+
+def collect(endpoints, topics, seconds: float) -> list:
+    seen = []
+    with Subscriber(endpoints, topics, on_message=seen.append, rcvhwm=10_000):
+        time.sleep(seconds)
+    return seen
+
+
+# --- camera -------------------------------------------------------------------------------
+
+
+def test_synthetic_camera_publishes_numbered_frames_at_its_rate(runtime_dir, processes):
+    start_node(processes, "camera ready", "camera", "--name", "front", "--fps", "20", "--width", "64", "--height", "48")
+    frames = [r.message for r in collect(["camera_front"], ["camera/front"], 2.0)]
+    assert len(frames) >= 20
+    for frame in frames:
+        assert frame.camera == "front" and frame.image.shape == (48, 64, 3)
+        assert synthetic_seq(frame.image) == frame.seq  # the pixels say which frame this is
+    assert [f.seq for f in frames] == list(range(frames[0].seq, frames[0].seq + len(frames)))
+    interval = np.median(np.diff([f.capture_time for f in frames]))
+    assert interval == pytest.approx(1 / 20, rel=0.25)
+
+
+def test_video_file_camera_loops_at_its_rate_as_jpeg(runtime_dir, processes, tmp_path):
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    colours = [(0, 0, 255), (0, 255, 0), (255, 0, 0)]  # BGR: red, green, blue
+    for colour in colours:
+        writer.write(np.full((48, 64, 3), colour, np.uint8))
+    writer.release()
+    start_node(processes, "camera ready", "camera", "--name", "clip", "--source", str(path), "--fps", "15",
+               "--encoding", "jpeg")
+    frames = [r.message for r in collect(["camera_clip"], ["camera/clip"], 1.5)]
+    assert len(frames) >= 9
+    dominant = [int(np.argmax(f.image.decode().reshape(-1, 3).mean(axis=0))) for f in frames]  # 0 R, 1 G, 2 B
+    start = dominant.index(0)
+    assert dominant[start : start + 6] == [0, 1, 2, 0, 1, 2]  # RGB order, looping
+    assert np.median(np.diff([f.capture_time for f in frames])) == pytest.approx(1 / 15, rel=0.25)
+
+
+def test_a_missing_camera_is_a_clear_error(runtime_dir):
+    result = subprocess.run([CHUNKBUS, "camera", "--name", "x", "--source", "/dev/video99"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "cannot open camera device '/dev/video99'" in result.stderr
+    result = subprocess.run([CHUNKBUS, "camera", "--name", "x", "--source", "missing.mp4"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "no video file 'missing.mp4'" in result.stderr
+
+
+# --- arm --------------------------------------------------------------------------------------
+
+
+JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"]
+
+
+def test_sim_arm_clamps_unsafe_commands_and_holds_when_they_stop(runtime_dir, processes):
+    arm = start_node(processes, "arm ready", "arm", "--rate", "50", "--max-step", "5", "--hold-after", "0.3")
+    with Publisher("actuator") as publisher, Subscriber(["arm"], ["state"]) as states:
+        states.wait("state", timeout=10)
+        # 150 is past every limit; the arm may move at most 5 per command towards it.
+        for seq in range(40):
+            publisher.publish("command", Command(seq, seq, time.monotonic(), JOINTS, np.full(6, 150.0, np.float32)))
+            time.sleep(0.02)
+            if seq == 2:
+                early = states.latest("state").message.positions.copy()
+        assert early.max() <= 15 + 1e-3  # three commands of at most 5 each
+        time.sleep(0.3)
+        moving = states.latest("state").message.positions
+        assert moving.max() <= 100 + 1e-3 and moving.min() > 50  # clamped to the limits
+        # A command with the wrong joints is refused.
+        publisher.publish("command", Command(99, 99, time.monotonic(), JOINTS[:3], np.full(3, -50.0, np.float32)))
+        time.sleep(0.5)  # past --hold-after: the arm holds where it is
+        held = states.latest("state").message.positions.copy()
+        time.sleep(0.3)
+        np.testing.assert_allclose(states.latest("state").message.positions, held, atol=1e-3)
+        assert held.min() > 50
+    processes.wait_log(arm, "no commands: holding position")
+    processes.wait_log(arm, "command ignored: its joints do not match")
+
+
+# --- actuator, with broker and worker ------------------------------------------------------------
+
+
+def robot(processes, runtime_dir, delay: str = "0.05-0.3", strategy: str = "replace"):
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, f"scripted:sine?chunk=50&delay={delay}&seed=3", "--service", "sine")
+    start_node(processes, "arm ready", "arm", "--max-step", "100")
+    start_node(processes, "camera ready", "camera", "--name", "front", "--fps", "30", "--width", "64", "--height", "48")
+    actuator = start_node(processes, "actuator ready", "actuator", "--broker", broker.frontend, "--service", "sine",
+                          "--camera", "front", "--fps", "30", "--strategy", strategy, "--ttl", "1.0")
+    return broker, actuator
+
+
+def f(ticks) -> np.ndarray:
+    return ScriptedPolicy("scripted:sine?chunk=50").trajectory(np.asarray(ticks, dtype=np.float64))
+
+
+def test_replace_executes_exactly_the_scripted_trajectory_on_every_tick(runtime_dir, processes):
+    robot(processes, runtime_dir)
+    commands = [r.message for r in collect(["actuator"], ["command"], 8.0)]
+    moving = [c for c in commands if not c.hold]
+    assert len(moving) > 100
+    first = commands.index(moving[0])
+    after = commands[first:]
+    ticks = [c.tick for c in after]
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), "a tick was left without a command"
+    assert not any(c.hold for c in after), "the schedule ran dry on a steady link"
+    np.testing.assert_array_equal(np.vstack([c.positions for c in after]), f(ticks))
+    assert after[0].names == JOINTS
+
+
+def test_broker_loss_holds_the_last_command_and_resumes(runtime_dir, processes):
+    broker, actuator = robot(processes, runtime_dir, delay="0.02")
+    seen = []
+    with Subscriber(["actuator"], ["command"], on_message=seen.append, rcvhwm=10_000):
+        wait_for(lambda: sum(not r.message.hold for r in seen) > 30, timeout=20, what="commands")
+        kill(broker.process)
+        wait_for(lambda: sum(r.message.hold for r in seen) > 30, timeout=20, what="holding")
+        start_broker(processes, frontend=broker.frontend, backend=broker.backend)
+        resumed_from = len(seen)
+        wait_for(lambda: sum(not r.message.hold for r in seen[resumed_from:]) > 30, timeout=30, what="resuming")
+    commands = [r.message for r in seen]
+    ticks = [c.tick for c in commands]
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))  # a command every tick throughout
+    holds = [i for i, c in enumerate(commands) if c.hold]
+    last_moving = commands[holds[0] - 1]
+    for i in holds:  # no jump: every hold repeats the last command
+        np.testing.assert_array_equal(commands[i].positions, last_moving.positions)
+    resumed = [c for c in commands[holds[-1] + 1 :]]
+    assert resumed and not any(c.hold for c in resumed)
+    np.testing.assert_array_equal(np.vstack([c.positions for c in resumed]), f([c.tick for c in resumed]))
+    processes.wait_log(actuator, "schedule ran dry: holding the last command")
+    processes.wait_log(actuator, "chunks arrive again: moving")
