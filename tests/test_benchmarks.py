@@ -35,3 +35,10 @@ def test_bench_broker_reports_every_figure():
     for key in ("req_per_s", "p50_us", "p99_us", "high_priority_p99_us", "low_priority_p99_us"):
         assert key in figures
     assert figures["req_per_s"] > 0 and figures["high_priority_requests"] > 0
+
+
+def test_bench_jitter_reports_both_rates():
+    figures = last_json_line("scripts/bench_jitter.py", "--seconds", "1.5")
+    for rate in ("hz30", "hz100"):
+        assert set(figures[rate]) >= {"p50_us", "p99_us", "max_us", "late_ticks"}
+        assert figures[rate]["ticks"] > 0
