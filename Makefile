@@ -10,10 +10,9 @@ INSTALLED := $(VENV)/.installed
 test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole system on this machine until Ctrl-C; POLICY=/path/to/checkpoint serves your own.
 demo: $(INSTALLED)
-	@echo "make demo: not yet available. The launch issue adds configs/local.yaml and runs it here."
-	@echo "Until then, 'make test' runs the bus layer for real and '$(VENV)/bin/chunkbus --help' lists the CLI."
-	@exit 1
+	$(VENV)/bin/launch configs/local.yaml $(LAUNCH_ARGS)
 
 venv: $(INSTALLED)
 

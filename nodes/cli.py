@@ -84,13 +84,19 @@ def broker(log: LogOptions, metrics_port, **options) -> None:
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1, mps.")
 @click.option("--service", default=None, help="The service name to serve [default: the policy's type].")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=1, help="Requests run as one batch.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch [default: torch's choice].")
 @click.pass_obj
-def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int) -> None:
+def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int,
+           threads: int | None) -> None:
     """Serve one policy on one device to the broker."""
     from chunkbus.nodes.policies import load_policy
     from chunkbus.nodes.worker import serve
 
     logger = log.start("worker")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         loaded = load_policy(policy, device)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -209,6 +215,11 @@ def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **
         camera_map[name] = feature or f"observation.images.{name}"
     serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
                          camera_nodes=_pairs(camera_node, "--camera-node"), **options))
+
+
+from chunkbus.launch.cli import launch  # noqa: E402  (a command of its own, and of chunkbus)
+
+main.add_command(launch)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """What a worker serves: a policy that turns observation requests into action chunks.
 
 `load_policy("scripted:sine")` gives a scripted policy (deterministic trajectories,
-no torch) for tests and benchmarks; anything else is a LeRobot checkpoint folder or
-hub id, loaded by lerobot's own code (nodes/lerobot_policy.py).
+no torch) for tests and benchmarks; `demo:act` an untrained ACT with random weights for
+the demo (nodes/demo_policy.py); anything else is a LeRobot checkpoint folder or hub id,
+loaded by lerobot's own code (nodes/lerobot_policy.py).
 """
 
 from __future__ import annotations
@@ -110,4 +111,8 @@ def load_policy(spec: str, device: str = "cpu") -> Policy:
         return ScriptedPolicy(spec)
     from chunkbus.nodes.lerobot_policy import LerobotPolicy
 
+    if spec.startswith("demo:"):
+        from chunkbus.nodes.demo_policy import demo_checkpoint
+
+        spec = demo_checkpoint(spec.removeprefix("demo:"))
     return LerobotPolicy(spec, device)

@@ -1,22 +1,16 @@
-"""Small LeRobot policies with random weights, saved like a user's checkpoint.
-
-Each is built from lerobot's own config class, given made-up dataset statistics for
-its normalisers, and saved with save_pretrained (policy and processors) into a folder,
-which the worker then loads through the same code path as a trained checkpoint.
-"""
+"""Small LeRobot policies with random weights for the tests, saved like a user's checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from chunkbus.nodes.demo_policy import ACTION_SIZE, CAMERAS, save_random_policy
 
-STATE_SIZE = 6
-ACTION_SIZE = 6
-CAMERAS = ("observation.images.front", "observation.images.wrist")
+__all__ = ["ACTION_SIZE", "CAMERAS", "save_tiny_policy"]
+
 IMAGE_SHAPE = (3, 96, 128)  # C, H, W
 
-# Small enough to run on a laptop CPU in a test; no pretrained backbone download.
+# Small enough to run on a laptop CPU in a test.
 OPTIONS = {
     "act": dict(chunk_size=20, n_action_steps=20, dim_model=64, n_heads=2, dim_feedforward=128,
                 n_encoder_layers=1, n_decoder_layers=1, use_vae=False),
@@ -31,31 +25,6 @@ OPTIONS = {
 
 
 def save_tiny_policy(policy_type: str, folder: Path) -> Path:
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies import get_policy_class, make_policy_config, make_pre_post_processors
-
-    torch.manual_seed(0)
-    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, (STATE_SIZE,))}
     # VQBet takes one camera; the others take both. Requests always carry both.
     cameras = CAMERAS[:1] if policy_type == "vqbet" else CAMERAS
-    inputs.update({camera: PolicyFeature(FeatureType.VISUAL, IMAGE_SHAPE) for camera in cameras})
-    config = make_policy_config(
-        policy_type,
-        input_features=inputs,
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_SIZE,))},
-        pretrained_backbone_weights=None,
-        device="cpu",
-        **OPTIONS[policy_type],
-    )
-    vector = {"mean": torch.zeros(STATE_SIZE), "std": torch.ones(STATE_SIZE),
-              "min": -torch.ones(STATE_SIZE) * 100, "max": torch.ones(STATE_SIZE) * 100}
-    image = {"mean": torch.full((3, 1, 1), 0.5), "std": torch.full((3, 1, 1), 0.25),
-             "min": torch.zeros((3, 1, 1)), "max": torch.ones((3, 1, 1))}
-    stats = {"observation.state": vector, "action": vector, **{camera: image for camera in cameras}}
-    policy = get_policy_class(policy_type)(config)
-    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
-    folder.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(folder)
-    preprocessor.save_pretrained(folder)
-    postprocessor.save_pretrained(folder)
-    return folder
+    return save_random_policy(policy_type, folder, IMAGE_SHAPE, cameras, **OPTIONS[policy_type])
