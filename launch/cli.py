@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
@@ -37,7 +38,7 @@ def launch(file: str, duration: float | None, dry_run: bool, only: tuple[str, ..
         for spec in start_order(specs):
             env = " ".join(f"{k}={v}" for k, v in spec.env.items())
             after = f"  (after {', '.join(spec.after)})" if spec.after else ""
-            click.echo(f"{spec.name}: {env + ' ' if env else ''}{' '.join(supervisor.command_line(spec))}{after}")
+            click.echo(f"{spec.name}: {env + ' ' if env else ''}{shlex.join(supervisor.command_line(spec))}{after}")
         return
     sys.exit(supervisor.run(duration))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ class Supervisor:
         node.started = time.monotonic()
         colour = COLOURS[self.nodes.index(node) % len(COLOURS)]
         threading.Thread(target=self.relay, args=(node, node.process, colour), daemon=True).start()
-        self.announce(f"started {spec.name} (pid {node.process.pid}): chunkbus {spec.command} {' '.join(spec.args)}")
+        self.announce(f"started {spec.name} (pid {node.process.pid}): chunkbus {spec.command} {shlex.join(spec.args)}")
 
     def relay(self, node: Running, process: subprocess.Popen, colour: int) -> None:
         for line in process.stdout:

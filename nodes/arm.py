@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,59 @@ class SimArm:
 
     def close(self) -> None:
         pass
+
+
+class ArmError(RuntimeError):
+    """An arm that cannot be used; the text says what is wrong and how to fix it."""
+
+
+NORM_LIMITS = {"range_m100_100": (-100.0, 100.0), "range_0_100": (0.0, 100.0), "degrees": (-180.0, 180.0)}
+LEROBOT_ARMS = ("so101", "so100", "koch")
+
+
+class LerobotArm:
+    """An arm driven by lerobot's own robot class (SO-100/101, Koch), without cameras."""
+
+    def __init__(self, kind: str, port: str, robot_id: str, calibration_dir: str | None = None):
+        from lerobot.robots import RobotConfig
+        from lerobot.robots.utils import make_robot_from_config
+
+        if not Path(port).exists():
+            raise ArmError(
+                f"no serial port {port}: is the arm plugged in and powered? Find its port with `lerobot-find-port`."
+            )
+        config = RobotConfig.get_choice_class(f"{kind}_follower")(
+            port=port, id=robot_id, calibration_dir=Path(calibration_dir) if calibration_dir else None, cameras={}
+        )
+        self.robot = make_robot_from_config(config)
+        calibration = self.robot.calibration_fpath
+        if not calibration.is_file():
+            raise ArmError(
+                f"no calibration for {kind} arm {robot_id!r} (looked for {calibration}). Make one with "
+                f"`lerobot-calibrate --robot.type={kind}_follower --robot.port={port} --robot.id={robot_id}`"
+                + (f" --robot.calibration_dir={calibration_dir}" if calibration_dir else "")
+            )
+        try:
+            self.robot.connect(calibrate=False)  # never ask questions on a terminal nobody watches
+            if not self.robot.is_calibrated:
+                self.robot.bus.write_calibration(self.robot.calibration)  # the file is the truth
+        except Exception as exc:
+            raise ArmError(f"cannot drive the {kind} arm on {port}: {exc}") from exc
+        self.names = list(self.robot.action_features)
+        self.limits = np.array([NORM_LIMITS[motor.norm_mode.value] for motor in self.robot.bus.motors.values()])
+
+    def read(self) -> np.ndarray:
+        observation = self.robot.get_observation()
+        return np.array([observation[name] for name in self.names], dtype=float)
+
+    def write(self, target: np.ndarray) -> None:
+        self.robot.send_action(dict(zip(self.names, target.tolist())))
+
+    def close(self) -> None:
+        try:
+            self.robot.disconnect()
+        except Exception as exc:
+            get_logger().warning("the arm did not disconnect cleanly", error=str(exc))
 
 
 @dataclass
@@ -136,4 +190,9 @@ def serve(driver, name: str, rate: float, hold_after: float, max_step: float, co
     node = ArmNode(driver, name, rate, hold_after, max_step, commands_from)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop())
-    node.run()
+    try:
+        node.run()
+    except Exception as exc:  # the motor bus failed mid-run: say so plainly, and exit non-zero
+        node.log.error("the motor bus failed: stopping (a launch file restarts this node by its policy)",
+                       error=f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None

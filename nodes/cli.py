@@ -160,19 +160,33 @@ def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, 
 
 
 @main.command()
-@click.option("--driver", type=click.Choice(["sim"]), default="sim", help="sim: a simulated SO-101.")
+@click.option("--driver", type=click.Choice(["sim", "so101", "so100", "koch"]), default="sim",
+              help="sim: a simulated SO-101; the others through lerobot's robot classes.")
+@click.option("--port", default=None, help="The motor bus's serial port (lerobot arms), e.g. /dev/ttyACM0.")
+@click.option("--id", "robot_id", default=None, help="The arm's id: names its lerobot calibration file.")
+@click.option("--calibration-dir", default=None, help="Where its calibration is [default: lerobot's].")
 @click.option("--name", default="arm", help="Node name; it publishes `state`.")
 @click.option("--rate", type=click.FloatRange(min=1), default=50.0, help="State rate (Hz).")
 @click.option("--hold-after", type=click.FloatRange(min=0), default=0.5, help="Seconds without commands before holding.")
 @click.option("--max-step", type=click.FloatRange(min=0), default=10.0, help="Largest change of a joint per command.")
 @click.option("--commands-from", multiple=True, default=["actuator"], help="Nodes or endpoints publishing `command`.")
 @click.pass_obj
-def arm(log: LogOptions, driver, name, rate, hold_after, max_step, commands_from) -> None:
+def arm(log: LogOptions, driver, port, robot_id, calibration_dir, name, rate, hold_after, max_step,
+        commands_from) -> None:
     """Own the motor bus: publish state, apply commands through the safety layer."""
-    from chunkbus.nodes.arm import SimArm, serve
+    from chunkbus.nodes.arm import ArmError, LerobotArm, SimArm, serve
 
     log.start(name)
-    serve(SimArm(), name, rate, hold_after, max_step, list(commands_from))
+    if driver == "sim":
+        arm_driver = SimArm()
+    else:
+        if not port or not robot_id:
+            raise click.UsageError(f"--driver {driver} needs --port and --id")
+        try:
+            arm_driver = LerobotArm(driver, port, robot_id, calibration_dir)
+        except ArmError as exc:
+            raise click.ClickException(str(exc))
+    serve(arm_driver, name, rate, hold_after, max_step, list(commands_from))
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
