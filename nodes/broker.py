@@ -26,6 +26,7 @@ from chunkbus.bus import mdp
 from chunkbus.bus.codec import decode_header, encode
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import ErrorReply, MessageError
+from chunkbus.bus.sockets import Publisher
 
 OUTCOMES = ("ok", "worker_error", "expired", "superseded", "rejected", "failed")
 LATENCY_WINDOW = 2000  # recent requests whose latencies the percentiles describe
@@ -88,6 +89,7 @@ class BrokerConfig:
     default_ttl: float | None = None  # for requests that carry none
     request_timeout: float = 60.0  # a dispatched request unanswered this long has failed
     max_attempts: int = 2  # runs of one request (re-runs after its worker died)
+    capture: str | None = "broker"  # node name whose ipc endpoint offers the traffic to taps; None: off
 
 
 def _percentiles(samples: deque) -> dict[str, float]:
@@ -119,6 +121,9 @@ class Broker:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished peer's reply is dropped
             socket.bind(endpoint)
+        # Requests and replies as they pass, on broker/request/SERVICE and broker/reply/SERVICE,
+        # for `chunkbus tap` (a PUB socket: free when nobody listens, never blocks).
+        self.capture = Publisher(config.capture, sndhwm=1000) if config.capture else None
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self._last_complaint = 0.0
@@ -177,6 +182,8 @@ class Broker:
         time.sleep(0.25)
         self.frontend.close(linger=100)
         self.backend.close(linger=100)
+        if self.capture is not None:
+            self.capture.close()
         self.log.info("broker stopped")
 
     # --- clients -------------------------------------------------------------------------
@@ -214,8 +221,13 @@ class Broker:
                 "rejected",
                 f"queue of service {service_name!r} is full ({self.config.max_queue} requests)",
             )
+        self.captured("request", service_name, body)
         self.enqueue(service, request)
         self.dispatch(service)
+
+    def captured(self, kind: str, service: str, body: list) -> None:
+        if self.capture is not None:
+            self.capture.socket.send_multipart([f"broker/{kind}/{service}".encode(), *body], copy=False)
 
     def on_mmi(self, client: bytes, name: str, body: list) -> None:
         if name == mdp.MMI_SERVICE:
@@ -296,6 +308,7 @@ class Broker:
             pass  # a plain MDP worker's reply: forwarded as it is
         request.state = "done"
         service.outcomes[outcome] += 1
+        self.captured("reply", request.service, body)
         self.frontend.send_multipart(
             [request.client, b"", mdp.CLIENT, request.service.encode(), *body], copy=False
         )
@@ -394,10 +407,9 @@ class Broker:
         """Answer `request` with an error (exactly once: it is done afterwards)."""
         request.state = "done"
         self.services[request.service].outcomes[code] += 1
-        error = ErrorReply(request.options.request_id, code, why, request.options.robot_id)
-        self.frontend.send_multipart(
-            [request.client, b"", mdp.CLIENT, request.service.encode(), *encode(error)]
-        )
+        error = encode(ErrorReply(request.options.request_id, code, why, request.options.robot_id))
+        self.captured("reply", request.service, error)
+        self.frontend.send_multipart([request.client, b"", mdp.CLIENT, request.service.encode(), *error])
         self.log.debug("answered", code=code, request_id=request.options.request_id, why=why)
 
     # --- heartbeats and health -------------------------------------------------------------

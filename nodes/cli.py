@@ -66,16 +66,21 @@ def endpoints(log: LogOptions) -> None:
 @click.option("--heartbeat-interval", type=click.FloatRange(0.01), default=0.5)
 @click.option("--heartbeat-liveness", type=click.IntRange(1), default=3, help="Heartbeats missed before a worker is dropped.")
 @click.option("--max-attempts", type=click.IntRange(1), default=2, help="Runs of a request whose workers died.")
+@click.option("--name", default="broker", help="Node name: taps find its traffic on its ipc endpoint.")
+@click.option("--no-capture", is_flag=True, help="Do not offer the traffic to taps.")
 @click.pass_obj
-def broker(log: LogOptions, metrics_port, **options) -> None:
+def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
     """Queue requests from robots and balance them over workers (Majordomo, RFC 7)."""
+    from chunkbus.bus.endpoints import EndpointError
     from chunkbus.nodes.broker import BrokerConfig, serve
 
-    log.start("broker")
+    log.start(name)
     try:
-        serve(BrokerConfig(**options), metrics_port)
+        serve(BrokerConfig(capture=None if no_capture else name, **options), metrics_port)
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot bind {options['frontend']} / {options['backend']}: {exc}")
+    except EndpointError as exc:
+        raise click.ClickException(str(exc))
 
 
 @main.command()
@@ -229,6 +234,93 @@ def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **
         camera_map[name] = feature or f"observation.images.{name}"
     serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
                          camera_nodes=_pairs(camera_node, "--camera-node"), **options))
+
+
+@main.group()
+def tap() -> None:
+    """Record, inspect and replay the bus (MCAP files)."""
+
+
+def _tap_errors(function, *args):
+    from chunkbus.nodes.tap import TapError
+
+    try:
+        return function(*args)
+    except TapError as exc:
+        raise click.ClickException(str(exc))
+
+
+_connect = click.option("--connect", multiple=True, help="Also listen to this endpoint (tcp://HOST:PORT or a node).")
+_topic = click.option("--topic", "topics", multiple=True, help="Only topics matching this pattern (e.g. 'camera/*').")
+_duration = click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
+
+
+@tap.command("record")
+@click.argument("output", type=click.Path(dir_okay=False))
+@_connect
+@_topic
+@_duration
+@click.pass_obj
+def tap_record(log: LogOptions, output, connect, topics, duration) -> None:
+    """Record every publisher on this host (and --connect ones) into OUTPUT.mcap."""
+    from chunkbus.nodes.tap import progress_line, record
+
+    log.start("tap")
+    figures = _tap_errors(record, output, list(connect), list(topics), duration)
+    click.echo(progress_line(figures) or "nothing recorded")
+
+
+@tap.command("echo")
+@_connect
+@_topic
+@_duration
+@click.pass_obj
+def tap_echo(log: LogOptions, connect, topics, duration) -> None:
+    """Print messages as they pass, decoded (arrays summarised)."""
+    from chunkbus.nodes.tap import echo
+
+    log.start("tap")
+    _tap_errors(echo, list(connect), list(topics), duration)
+
+
+@tap.command("stats")
+@_connect
+@_topic
+@_duration
+@click.pass_obj
+def tap_stats(log: LogOptions, connect, topics, duration) -> None:
+    """Rate, bandwidth and message size per topic, live."""
+    from chunkbus.nodes.tap import stats
+
+    log.start("tap")
+    _tap_errors(stats, list(connect), list(topics), duration)
+
+
+@tap.command("replay")
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.option("--rate", type=click.FloatRange(min=0.01), default=1.0, help="Speed: 2 is twice as fast.")
+@_topic
+@click.option("--node", default="replay", help="Publish as this node.")
+@click.option("--bind", multiple=True, help="Also publish on this endpoint.")
+@click.pass_obj
+def tap_replay(log: LogOptions, recording, rate, topics, node, bind) -> None:
+    """Republish a recording's messages with their original timing."""
+    from chunkbus.nodes.tap import replay
+
+    logger = log.start("tap")
+    count = _tap_errors(replay, recording, rate, list(topics), node, list(bind))
+    logger.info("replay finished", messages=count)
+
+
+@tap.command("info")
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.pass_obj
+def tap_info(log: LogOptions, recording) -> None:
+    """Topics, message counts, duration and sizes of a recording."""
+    from chunkbus.nodes.tap import format_info, info
+
+    log.start("tap")
+    click.echo(format_info(_tap_errors(info, recording)))
 
 
 from chunkbus.launch.cli import launch  # noqa: E402  (a command of its own, and of chunkbus)

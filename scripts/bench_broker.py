@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,8 +70,11 @@ def small_request(request_id: str, priority: int = 0) -> ObservationRequest:
 
 
 class Cluster:
+    """Processes on a private runtime directory, so their endpoints meet nobody else's."""
+
     def __init__(self):
         self.processes: list[subprocess.Popen] = []
+        os.environ.setdefault("CHUNKBUS_RUNTIME_DIR", tempfile.mkdtemp(prefix="cb-bench-", dir="/tmp"))
 
     def start(self, *args: str, stdout=subprocess.DEVNULL) -> subprocess.Popen:
         process = subprocess.Popen(args, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True)

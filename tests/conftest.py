@@ -26,9 +26,12 @@ settings.register_profile(
 settings.load_profile("chunkbus")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def runtime_dir(monkeypatch):
-    """A fresh runtime directory for ipc endpoints, short enough for a Unix socket path."""
+    """A fresh runtime directory for ipc endpoints, short enough for a Unix socket path.
+
+    Every test gets one, so the nodes it starts never meet another test's (or a user's).
+    """
     path = Path(tempfile.mkdtemp(prefix="cb-", dir="/tmp"))
     monkeypatch.setenv("CHUNKBUS_RUNTIME_DIR", str(path))
     yield path

@@ -1,0 +1,307 @@
+"""`chunkbus tap`: record, inspect and replay the bus.
+
+A recording is an MCAP file with one channel per topic. Each MCAP message holds one bus
+message exactly as it travelled: its frames after the topic frame (header, buffers),
+packed as a msgpack array of byte strings (message encoding FRAMES_ENCODING), and its
+receive time as log_time (nanoseconds, wall clock). Replay republishes those frames
+unchanged, so a replayed message is byte-identical to the recorded one.
+
+The recorder flushes completed chunks to the file every second, so a recorder that is
+killed leaves a file whose complete chunks `tap info` still reads; a recorder that
+stops normally also writes MCAP's summary and index.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zmq
+
+from chunkbus.bus.codec import decode
+from chunkbus.bus.endpoints import list_publishers, resolve
+from chunkbus.bus.log import get_logger
+from chunkbus.bus.messages import JpegImage, MessageError
+from chunkbus.bus.sockets import Publisher
+
+FRAMES_ENCODING = "chunkbus-frames-msgpack"
+PROFILE = "chunkbus"
+
+
+class TapError(RuntimeError):
+    """A recording that cannot be read or a request that cannot be met; the text says why."""
+
+
+def pack_frames(frames: list) -> bytes:
+    return msgpack.packb([bytes(frame.buffer if hasattr(frame, "buffer") else frame) for frame in frames])
+
+
+def unpack_frames(data: bytes) -> list[bytes]:
+    frames = msgpack.unpackb(data, raw=False)
+    if not isinstance(frames, list) or not all(isinstance(f, bytes) for f in frames):
+        raise TapError("a recorded message is not a list of frames")
+    return frames
+
+
+def matches(topic: str, patterns: list[str]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(topic, p) for p in patterns)
+
+
+# --- listening ------------------------------------------------------------------------------------
+
+
+class Listener:
+    """A SUB socket on every publisher of this host (found again each second) and `extra` endpoints."""
+
+    def __init__(self, extra: list[str], own: str | None = None, rcvhwm: int = 100_000):
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.own = own
+        self.connected: set[str] = set()
+        for endpoint in extra:
+            self.connect(resolve(endpoint))
+        self.discover()
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self.connected:
+            self.socket.connect(endpoint)
+            self.connected.add(endpoint)
+            get_logger().info("listening", endpoint=endpoint)
+
+    def discover(self) -> None:
+        for info in list_publishers():
+            if info.live and info.node != self.own:
+                self.connect(info.endpoint)
+
+    def messages(self, stop: threading.Event, until: float | None):
+        """Yield (topic, frames, receive time ns) until `stop` or the monotonic time `until`."""
+        next_scan = time.monotonic() + 1.0
+        while not stop.is_set() and (until is None or time.monotonic() < until):
+            if self.socket.poll(100):
+                while True:
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    yield frames[0].bytes.decode("utf-8", "replace"), frames[1:], time.time_ns()
+            if time.monotonic() >= next_scan:
+                next_scan += 1.0
+                self.discover()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+@dataclass
+class TopicFigures:
+    messages: int = 0
+    bytes: int = 0
+    times: list[float] = field(default_factory=list)  # receive times in the current window
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# --- record -------------------------------------------------------------------------------------------
+
+
+def record(path: str, connect: list[str], topics: list[str], duration: float | None) -> dict[str, TopicFigures]:
+    from mcap.writer import CompressionType, Writer
+
+    log = get_logger()
+    stop = _stop_on_signals()
+    output = open(path, "wb")
+    writer = Writer(output, chunk_size=512 * 1024, compression=CompressionType.NONE)
+    writer.start(profile=PROFILE, library="chunkbus")
+    channels: dict[str, int] = {}
+    figures: dict[str, TopicFigures] = defaultdict(TopicFigures)
+    listener = Listener(connect)
+    until = time.monotonic() + duration if duration else None
+    next_report = time.monotonic() + 1.0
+    try:
+        for topic, frames, receive_ns in listener.messages(stop, until):
+            if not matches(topic, topics):
+                continue
+            if topic not in channels:
+                channels[topic] = writer.register_channel(topic, FRAMES_ENCODING, 0, {"protocol": "chunkbus/1"})
+            data = pack_frames(frames)
+            figure = figures[topic]
+            writer.add_message(channels[topic], receive_ns, data, receive_ns, figure.messages)
+            figure.messages += 1
+            figure.bytes += len(data)
+            if time.monotonic() >= next_report:
+                next_report += 1.0
+                output.flush()  # completed chunks reach the file: a killed recorder keeps them
+                print(progress_line(figures), file=sys.stderr, flush=True)
+    finally:
+        writer.finish()
+        output.close()
+        listener.close()
+    log.info("recording finished", file=path, topics=len(figures), messages=sum(f.messages for f in figures.values()))
+    return figures
+
+
+def progress_line(figures: dict[str, TopicFigures]) -> str:
+    return "  ".join(f"{t}: {f.messages} msgs {f.bytes / 1e6:.1f} MB" for t, f in sorted(figures.items()))
+
+
+# --- reading recordings ------------------------------------------------------------------------------
+
+
+def read_recording(path: str, topics: list[str] | None = None):
+    """Yield (topic, log_time ns, frames) in file order; tolerates a file cut short (a killed recorder)."""
+    from mcap.records import Channel, Message
+    from mcap.stream_reader import StreamReader
+
+    if not Path(path).is_file():
+        raise TapError(f"no recording {path!r}")
+    channels: dict[int, str] = {}
+    with open(path, "rb") as stream:
+        if stream.read(8) != b"\x89MCAP0\r\n":
+            raise TapError(f"{path!r} is not an MCAP recording (its first bytes are not MCAP's magic)")
+        stream.seek(0)
+        try:
+            for record in StreamReader(stream, skip_magic=False).records:
+                if isinstance(record, Channel):
+                    if record.message_encoding != FRAMES_ENCODING:
+                        raise TapError(f"{path!r}: channel {record.topic!r} is not a chunkbus recording ({record.message_encoding})")
+                    channels[record.id] = record.topic
+                elif isinstance(record, Message):
+                    topic = channels.get(record.channel_id)
+                    if topic is not None and matches(topic, topics or []):
+                        yield topic, record.log_time, unpack_frames(record.data)
+        except TapError:
+            raise
+        except Exception as exc:  # the end of a file cut short: what came before is intact
+            get_logger().warning("the recording ends early (was the recorder killed?)", file=path, error=str(exc))
+
+
+def info(path: str) -> dict:
+    per_topic: dict[str, dict] = {}
+    first = last = None
+    for topic, log_time, frames in read_recording(path):
+        entry = per_topic.setdefault(topic, {"messages": 0, "bytes": 0})
+        entry["messages"] += 1
+        entry["bytes"] += sum(len(f) for f in frames)
+        first = log_time if first is None else min(first, log_time)
+        last = log_time if last is None else max(last, log_time)
+    duration = (last - first) / 1e9 if first is not None else 0.0
+    return {"file": path, "duration_s": duration, "topics": per_topic,
+            "messages": sum(t["messages"] for t in per_topic.values())}
+
+
+def format_info(summary: dict) -> str:
+    lines = [f"{summary['file']}: {summary['messages']} messages over {summary['duration_s']:.2f} s", ""]
+    lines.append(f"{'topic':32} {'messages':>9} {'rate Hz':>8} {'MB':>9} {'avg KB':>8}")
+    for topic, t in sorted(summary["topics"].items()):
+        rate = t["messages"] / summary["duration_s"] if summary["duration_s"] else 0.0
+        lines.append(f"{topic:32} {t['messages']:>9} {rate:>8.1f} {t['bytes'] / 1e6:>9.2f} {t['bytes'] / t['messages'] / 1e3:>8.1f}")
+    return "\n".join(lines)
+
+
+# --- replay ---------------------------------------------------------------------------------------------
+
+
+def replay(path: str, rate: float, topics: list[str], node: str, bind: list[str]) -> int:
+    """Republish the recording's messages with their original timing, scaled by 1/rate."""
+    stop = _stop_on_signals()
+    messages = list(read_recording(path, topics))
+    if topics and not messages:
+        raise TapError(f"no messages on {', '.join(topics)} in {path!r}")
+    count = 0
+    with Publisher(node, bind, sndhwm=10_000) as publisher:
+        time.sleep(0.5)  # let subscribers connect before the first message
+        start, origin = time.monotonic(), messages[0][1] if messages else 0
+        for topic, log_time, frames in messages:
+            due = start + (log_time - origin) / 1e9 / rate
+            if stop.wait(max(0.0, due - time.monotonic())):
+                break
+            publisher.socket.send_multipart([topic.encode(), *frames])
+            count += 1
+        time.sleep(0.2)  # let the last messages leave
+    return count
+
+
+# --- echo and stats --------------------------------------------------------------------------------------
+
+
+def describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        if value.size <= 8 and value.ndim <= 1:
+            return np.array2string(value, precision=3, separator=",")
+        return f"<{value.dtype} {'x'.join(map(str, value.shape))}>"
+    if isinstance(value, JpegImage):
+        return f"<jpeg {'x'.join(map(str, value.shape))}, {len(value.data)} bytes>"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(describe(v) for v in value[:8]) + (", ..." if len(value) > 8 else "") + "]"
+    return repr(value)
+
+
+def echo(connect: list[str], topics: list[str], duration: float | None) -> None:
+    stop = _stop_on_signals()
+    listener = Listener(connect)
+    until = time.monotonic() + duration if duration else None
+    try:
+        for topic, frames, _ in listener.messages(stop, until):
+            if not matches(topic, topics):
+                continue
+            try:
+                message = decode(frames)
+            except MessageError as exc:
+                print(f"{topic}: (malformed: {exc})", flush=True)
+                continue
+            fields = ", ".join(f"{k}={describe(v)}" for k, v in message.to_wire().items())
+            print(f"{topic}: {message.TYPE} {fields}", flush=True)
+    finally:
+        listener.close()
+
+
+def stats(connect: list[str], topics: list[str], duration: float | None, window: float = 2.0) -> None:
+    stop = _stop_on_signals()
+    listener = Listener(connect)
+    until = time.monotonic() + duration if duration else None
+    samples: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    next_print = time.monotonic() + 1.0
+    try:
+        for topic, frames, _ in listener.messages(stop, until):
+            if matches(topic, topics):
+                samples[topic].append((time.monotonic(), sum(len(f) for f in frames)))
+            now = time.monotonic()
+            if now >= next_print:
+                next_print = now + 1.0
+                print(stats_table(samples, now, window), flush=True)
+    finally:
+        listener.close()
+
+
+def stats_table(samples: dict[str, list[tuple[float, int]]], now: float, window: float) -> str:
+    lines = [f"{'topic':32} {'rate Hz':>8} {'bandwidth MB/s':>15} {'size KB mean':>13} {'min':>8} {'max':>8}"]
+    for topic in sorted(samples):
+        recent = [(t, n) for t, n in samples[topic] if now - t <= window]
+        samples[topic] = recent
+        if len(recent) < 2:
+            lines.append(f"{topic:32} {'-':>8}")
+            continue
+        span = recent[-1][0] - recent[0][0] or window
+        sizes = [n for _, n in recent]
+        lines.append(
+            f"{topic:32} {(len(recent) - 1) / span:>8.1f} {sum(sizes) / span / 1e6:>15.2f} "
+            f"{np.mean(sizes) / 1e3:>13.1f} {min(sizes) / 1e3:>8.1f} {max(sizes) / 1e3:>8.1f}"
+        )
+    return "\n".join(lines)
