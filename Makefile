@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Reinstall when the package definition changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 
 test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -13,6 +13,10 @@ test: $(INSTALLED)
 # The whole system on this machine until Ctrl-C; POLICY=/path/to/checkpoint serves your own.
 demo: $(INSTALLED)
 	$(VENV)/bin/launch configs/local.yaml $(LAUNCH_ARGS)
+
+# Every scripts/bench_*.py, side by side with the baselines; writes docs/benchmarks.md.
+bench: $(INSTALLED)
+	$(PY) scripts/bench_page.py $(BENCH_ARGS)
 
 venv: $(INSTALLED)
 
