@@ -58,16 +58,21 @@ class ArmError(RuntimeError):
 
 
 NORM_LIMITS = {"range_m100_100": (-100.0, 100.0), "range_0_100": (0.0, 100.0), "degrees": (-180.0, 180.0)}
-LEROBOT_ARMS = ("so101", "so100", "koch")
+# Each arm's lerobot module: importing it registers the arm's config class.
+LEROBOT_ARMS = {"so101": "lerobot.robots.so_follower", "so100": "lerobot.robots.so_follower",
+                "koch": "lerobot.robots.koch_follower"}
 
 
 class LerobotArm:
     """An arm driven by lerobot's own robot class (SO-100/101, Koch), without cameras."""
 
     def __init__(self, kind: str, port: str, robot_id: str, calibration_dir: str | None = None):
+        import importlib
+
         from lerobot.robots import RobotConfig
         from lerobot.robots.utils import make_robot_from_config
 
+        importlib.import_module(LEROBOT_ARMS[kind])
         if not Path(port).exists():
             raise ArmError(
                 f"no serial port {port}: is the arm plugged in and powered? Find its port with `lerobot-find-port`."
@@ -88,7 +93,12 @@ class LerobotArm:
             if not self.robot.is_calibrated:
                 self.robot.bus.write_calibration(self.robot.calibration)  # the file is the truth
         except Exception as exc:
-            raise ArmError(f"cannot drive the {kind} arm on {port}: {exc}") from exc
+            try:  # lerobot leaves the port open when a motor check fails
+                if self.robot.bus.is_connected:
+                    self.robot.bus.disconnect(disable_torque=False)
+            except Exception:
+                pass
+            raise ArmError(f"cannot drive the {kind} arm on {port}: {str(exc).strip()}") from exc
         self.names = list(self.robot.action_features)
         self.limits = np.array([NORM_LIMITS[motor.norm_mode.value] for motor in self.robot.bus.motors.values()])
 

@@ -15,69 +15,162 @@ skipped, and packets split across reads are reassembled, like on a real bus.
 Each motor has a 128-byte register table with STS3215 defaults (model number 777, firmware 3.10, limits
 0..4095, homing offset 0, present position 2048). ``Present_Position = (actual - Homing_Offset) mod 4096``
 as on the servo; a Goal_Position write moves the motor at once (or at ``speed`` ticks/s), clamped to the
-position limits when ``Min_Position_Limit < Max_Position_Limit``.
+position limits when ``Min_Position_Limit < Max_Position_Limit``. Motors only hear the bus when the baud rate
+lerobot set on the pty (termios) matches their Baud_Rate register (1 Mbps by default).
+
+Writes that get no status packet (SYNC_WRITE, i.e. lerobot's ``send_action``) return on the host before
+the emulator has handled them: call ``settle()`` before inspecting registers.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import os
 import select
+import struct
 import termios
 import threading
 import time
 import tty
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Self
 
-__all__ = ["FeetechEmulator", "Packet", "STS3215_CONTROL_TABLE", "STS3215_MODEL_NUMBER"]
+__all__ = ["STS3215_CONTROL_TABLE", "STS3215_MODEL_NUMBER", "FeetechEmulator", "Packet"]
 
 STS3215_MODEL_NUMBER = 777
 TABLE_SIZE = 128
 BROADCAST_ID = 0xFE
 
-PING, READ, WRITE, REG_WRITE, ACTION, RESET, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x82, 0x83
+PING, READ, WRITE, REG_WRITE, ACTION, RESET, SYNC_READ, SYNC_WRITE = (
+    0x01,
+    0x02,
+    0x03,
+    0x04,
+    0x05,
+    0x06,
+    0x82,
+    0x83,
+)
 
 # name: (address, size) -- the STS/SMS control table as lerobot names it (lerobot/motors/feetech/tables.py).
 STS3215_CONTROL_TABLE: dict[str, tuple[int, int]] = {
-    "Firmware_Major_Version": (0, 1), "Firmware_Minor_Version": (1, 1), "Model_Number": (3, 2),
-    "ID": (5, 1), "Baud_Rate": (6, 1), "Return_Delay_Time": (7, 1), "Response_Status_Level": (8, 1),
-    "Min_Position_Limit": (9, 2), "Max_Position_Limit": (11, 2), "Max_Temperature_Limit": (13, 1),
-    "Max_Voltage_Limit": (14, 1), "Min_Voltage_Limit": (15, 1), "Max_Torque_Limit": (16, 2), "Phase": (18, 1),
-    "Unloading_Condition": (19, 1), "LED_Alarm_Condition": (20, 1), "P_Coefficient": (21, 1),
-    "D_Coefficient": (22, 1), "I_Coefficient": (23, 1), "Minimum_Startup_Force": (24, 2),
-    "CW_Dead_Zone": (26, 1), "CCW_Dead_Zone": (27, 1), "Protection_Current": (28, 2),
-    "Angular_Resolution": (30, 1), "Homing_Offset": (31, 2), "Operating_Mode": (33, 1),
-    "Protective_Torque": (34, 1), "Protection_Time": (35, 1), "Overload_Torque": (36, 1),
-    "Velocity_closed_loop_P_proportional_coefficient": (37, 1), "Over_Current_Protection_Time": (38, 1),
+    "Firmware_Major_Version": (0, 1),
+    "Firmware_Minor_Version": (1, 1),
+    "Model_Number": (3, 2),
+    "ID": (5, 1),
+    "Baud_Rate": (6, 1),
+    "Return_Delay_Time": (7, 1),
+    "Response_Status_Level": (8, 1),
+    "Min_Position_Limit": (9, 2),
+    "Max_Position_Limit": (11, 2),
+    "Max_Temperature_Limit": (13, 1),
+    "Max_Voltage_Limit": (14, 1),
+    "Min_Voltage_Limit": (15, 1),
+    "Max_Torque_Limit": (16, 2),
+    "Phase": (18, 1),
+    "Unloading_Condition": (19, 1),
+    "LED_Alarm_Condition": (20, 1),
+    "P_Coefficient": (21, 1),
+    "D_Coefficient": (22, 1),
+    "I_Coefficient": (23, 1),
+    "Minimum_Startup_Force": (24, 2),
+    "CW_Dead_Zone": (26, 1),
+    "CCW_Dead_Zone": (27, 1),
+    "Protection_Current": (28, 2),
+    "Angular_Resolution": (30, 1),
+    "Homing_Offset": (31, 2),
+    "Operating_Mode": (33, 1),
+    "Protective_Torque": (34, 1),
+    "Protection_Time": (35, 1),
+    "Overload_Torque": (36, 1),
+    "Velocity_closed_loop_P_proportional_coefficient": (37, 1),
+    "Over_Current_Protection_Time": (38, 1),
     "Velocity_closed_loop_I_integral_coefficient": (39, 1),
-    "Torque_Enable": (40, 1), "Acceleration": (41, 1), "Goal_Position": (42, 2), "Goal_Time": (44, 2),
-    "Goal_Velocity": (46, 2), "Torque_Limit": (48, 2), "Lock": (55, 1), "Present_Position": (56, 2),
-    "Present_Velocity": (58, 2), "Present_Load": (60, 2), "Present_Voltage": (62, 1),
-    "Present_Temperature": (63, 1), "Status": (65, 1), "Moving": (66, 1), "Present_Current": (69, 2),
-    "Goal_Position_2": (71, 2), "Moving_Velocity": (80, 1), "Moving_Velocity_Threshold": (80, 1),
-    "DTs": (81, 1), "Velocity_Unit_factor": (82, 1), "Hts": (83, 1), "Maximum_Velocity_Limit": (84, 1),
-    "Maximum_Acceleration": (85, 1), "Acceleration_Multiplier": (86, 1),
+    "Torque_Enable": (40, 1),
+    "Acceleration": (41, 1),
+    "Goal_Position": (42, 2),
+    "Goal_Time": (44, 2),
+    "Goal_Velocity": (46, 2),
+    "Torque_Limit": (48, 2),
+    "Lock": (55, 1),
+    "Present_Position": (56, 2),
+    "Present_Velocity": (58, 2),
+    "Present_Load": (60, 2),
+    "Present_Voltage": (62, 1),
+    "Present_Temperature": (63, 1),
+    "Status": (65, 1),
+    "Moving": (66, 1),
+    "Present_Current": (69, 2),
+    "Goal_Position_2": (71, 2),
+    "Moving_Velocity": (80, 1),
+    "Moving_Velocity_Threshold": (80, 1),
+    "DTs": (81, 1),
+    "Velocity_Unit_factor": (82, 1),
+    "Hts": (83, 1),
+    "Maximum_Velocity_Limit": (84, 1),
+    "Maximum_Acceleration": (85, 1),
+    "Acceleration_Multiplier": (86, 1),
 }
 
 # Plausible STS3215 factory values (those not listed are 0).
 _DEFAULTS: dict[str, int] = {
-    "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": STS3215_MODEL_NUMBER,
-    "Baud_Rate": 0, "Return_Delay_Time": 0, "Response_Status_Level": 1, "Min_Position_Limit": 0,
-    "Max_Position_Limit": 4095, "Max_Temperature_Limit": 70, "Max_Voltage_Limit": 140, "Min_Voltage_Limit": 40,
-    "Max_Torque_Limit": 1000, "Phase": 12, "Unloading_Condition": 44, "LED_Alarm_Condition": 47,
-    "P_Coefficient": 32, "D_Coefficient": 32, "I_Coefficient": 0, "Minimum_Startup_Force": 16,
-    "CW_Dead_Zone": 1, "CCW_Dead_Zone": 1, "Protection_Current": 500, "Angular_Resolution": 1,
-    "Homing_Offset": 0, "Operating_Mode": 0, "Protective_Torque": 20, "Protection_Time": 200,
-    "Overload_Torque": 80, "Velocity_closed_loop_P_proportional_coefficient": 10,
-    "Over_Current_Protection_Time": 200, "Velocity_closed_loop_I_integral_coefficient": 200,
-    "Torque_Enable": 0, "Torque_Limit": 1000, "Lock": 1, "Present_Voltage": 120, "Present_Temperature": 30,
-    "Moving_Velocity_Threshold": 2, "DTs": 32, "Velocity_Unit_factor": 1, "Maximum_Velocity_Limit": 254,
+    "Firmware_Major_Version": 3,
+    "Firmware_Minor_Version": 10,
+    "Model_Number": STS3215_MODEL_NUMBER,
+    "Baud_Rate": 0,
+    "Return_Delay_Time": 0,
+    "Response_Status_Level": 1,
+    "Min_Position_Limit": 0,
+    "Max_Position_Limit": 4095,
+    "Max_Temperature_Limit": 70,
+    "Max_Voltage_Limit": 140,
+    "Min_Voltage_Limit": 40,
+    "Max_Torque_Limit": 1000,
+    "Phase": 12,
+    "Unloading_Condition": 44,
+    "LED_Alarm_Condition": 47,
+    "P_Coefficient": 32,
+    "D_Coefficient": 32,
+    "I_Coefficient": 0,
+    "Minimum_Startup_Force": 16,
+    "CW_Dead_Zone": 1,
+    "CCW_Dead_Zone": 1,
+    "Protection_Current": 500,
+    "Angular_Resolution": 1,
+    "Homing_Offset": 0,
+    "Operating_Mode": 0,
+    "Protective_Torque": 20,
+    "Protection_Time": 200,
+    "Overload_Torque": 80,
+    "Velocity_closed_loop_P_proportional_coefficient": 10,
+    "Over_Current_Protection_Time": 200,
+    "Velocity_closed_loop_I_integral_coefficient": 200,
+    "Torque_Enable": 0,
+    "Torque_Limit": 1000,
+    "Lock": 1,
+    "Present_Voltage": 120,
+    "Present_Temperature": 30,
+    "Moving_Velocity_Threshold": 2,
+    "DTs": 32,
+    "Velocity_Unit_factor": 1,
+    "Maximum_Velocity_Limit": 254,
     "Maximum_Acceleration": 254,
 }
-_READ_ONLY = set(range(0, 5)) | set(range(56, 72))
+_READ_ONLY = set(range(5)) | set(range(56, 72))
 _RESOLUTION = 4096
+_BAUD_CODES = {
+    0: 1_000_000,
+    1: 500_000,
+    2: 250_000,
+    3: 128_000,
+    4: 115_200,
+    5: 57_600,
+    6: 38_400,
+    7: 19_200,
+}
 _SPEEDS = {v: int(k[1:]) for k, v in vars(termios).items() if k[:1] == "B" and k[1:].isdigit()}
 
 
@@ -87,6 +180,13 @@ def _sign_magnitude_encode(value: int, sign_bit: int) -> int:
 
 def _sign_magnitude_decode(value: int, sign_bit: int) -> int:
     return -(value & ~(1 << sign_bit)) if value & (1 << sign_bit) else value
+
+
+def _in_waiting(fd: int) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _checksum(body: Iterable[int]) -> int:
@@ -155,6 +255,8 @@ class FeetechEmulator:
     speed: None moves a motor to its goal at once; a number moves it at that many ticks per second.
     reply_delay_s: extra latency before each status packet (the servo's return delay).
     inter_byte_timeout_s: an incomplete packet is dropped after this much silence (real servos do too).
+    check_baudrate: motors hear nothing while the port's baud rate (as set through termios) differs from
+        their Baud_Rate register (default 0: 1 Mbps); a rate termios cannot express is not checked.
     """
 
     def __init__(
@@ -165,27 +267,34 @@ class FeetechEmulator:
         speed: float | None = None,
         reply_delay_s: float = 0.0,
         inter_byte_timeout_s: float = 0.01,
+        check_baudrate: bool = True,
         max_log: int = 10_000,
     ):
         self.speed = speed
         self.reply_delay_s = reply_delay_s
         self.inter_byte_timeout_s = inter_byte_timeout_s
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the register tables
+        self._write_lock = threading.Lock()  # whole packets onto the wire
+        self.check_baudrate = check_baudrate
         self._motors: dict[int, _Motor] = {}
         for id_ in ids:
             pos = positions if isinstance(positions, int) else positions.get(id_, 2048)
             self._motors[int(id_)] = _Motor(int(id_), pos)
         self.packets: collections.deque[Packet] = collections.deque(maxlen=max_log)
         self.bad_bytes = 0  # bytes skipped while looking for a well-formed packet
-        self.thread_error: BaseException | None = None
+        self.thread_error: Exception | None = None
 
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)  # no echo, no line editing; pyserial sets this again when it opens
         os.set_blocking(self._master, False)
         self.port = os.ttyname(self._slave)
         self._wake_r, self._wake_w = os.pipe()
+        self._busy = False
+        self._last_rx = time.monotonic()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"feetech-emulator {self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"feetech-emulator {self.port}", daemon=True
+        )
         self._thread.start()
 
     # ---- test helpers -------------------------------------------------------------------------------
@@ -212,7 +321,9 @@ class FeetechEmulator:
         try:
             return self._motors[id_]
         except KeyError:
-            raise KeyError(f"no emulated motor with id {id_} (ids: {sorted(self._motors)})") from None
+            raise KeyError(
+                f"no emulated motor with id {id_} (ids: {sorted(self._motors)})"
+            ) from None
 
     def register(self, id_: int, name_or_address: str | int, size: int | None = None) -> int:
         """The raw (unsigned, little-endian) value of a register, e.g. ``register(1, "Goal_Position")``."""
@@ -222,11 +333,15 @@ class FeetechEmulator:
             motor.step(self.speed, time.monotonic())
             return int.from_bytes(motor.table[addr : addr + size], "little")
 
-    def set_register(self, id_: int, name_or_address: str | int, value: int, size: int | None = None) -> None:
+    def set_register(
+        self, id_: int, name_or_address: str | int, value: int, size: int | None = None
+    ) -> None:
         """Set a raw register value directly (read-only registers included); no side effects."""
         addr, size = self._address(name_or_address, size)
         with self._lock:
-            self._motor(id_).table[addr : addr + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._motor(id_).table[addr : addr + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
+                size, "little"
+            )
 
     def set_present_position(self, id_: int, value: int) -> None:
         """Move the motor (as if by hand) so that Present_Position reads ``value`` (0..4095)."""
@@ -244,7 +359,9 @@ class FeetechEmulator:
         """Goal_Position decoded (sign-magnitude, bit 15) as the servo interprets it."""
         return _sign_magnitude_decode(self.register(id_, "Goal_Position"), 15)
 
-    def set_calibration(self, id_: int, *, homing_offset: int, range_min: int, range_max: int) -> None:
+    def set_calibration(
+        self, id_: int, *, homing_offset: int, range_min: int, range_max: int
+    ) -> None:
         """Write Homing_Offset / Min_Position_Limit / Max_Position_Limit as lerobot's write_calibration does.
 
         The present position is kept (so a test's set_present_position values stay what lerobot reads).
@@ -298,7 +415,7 @@ class FeetechEmulator:
             except OSError:
                 pass
 
-    def __enter__(self) -> FeetechEmulator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -310,13 +427,17 @@ class FeetechEmulator:
     # ---- the bus ------------------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        with self._write_lock:
+            self._write_locked(data)
+
+    def _write_locked(self, data: bytes) -> None:
         view = memoryview(data)
         deadline = time.monotonic() + 0.5
         while view and not self._closed:
             try:
                 view = view[os.write(self._master, view) :]
-            except BlockingIOError:  # nobody reads the port and its buffer is full: drop, as a wire would
-                if time.monotonic() > deadline:
+            except BlockingIOError:  # nobody reads the port and its buffer is full
+                if time.monotonic() > deadline:  # drop the rest, as a wire would
                     return
                 time.sleep(0.001)
             except OSError as e:
@@ -324,31 +445,53 @@ class FeetechEmulator:
                     return
                 raise
 
+    def settle(self, quiet_s: float = 0.02, timeout: float = 2.0) -> bool:
+        """Wait until everything the host wrote has been handled (nothing new for ``quiet_s``).
+
+        Writes without a status packet (SYNC_WRITE: lerobot's send_action) return on the host before the
+        emulator has seen them; call this before inspecting registers. False if still busy at ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (
+                not self._busy
+                and _in_waiting(self._master) == 0
+                and time.monotonic() - self._last_rx >= quiet_s
+            ):
+                return True
+            time.sleep(0.001)
+        return False
+
     def _run(self) -> None:
         buf = bytearray()
-        last_rx = time.monotonic()
         try:
             while not self._closed:
                 timeout = self.inter_byte_timeout_s if buf else 1.0
                 ready, _, _ = select.select([self._master, self._wake_r], [], [], timeout)
                 if self._wake_r in ready or self._closed:
                     return
+                self._busy = True
                 if self._master in ready:
                     try:
                         chunk = os.read(self._master, 4096)
                     except BlockingIOError:
                         chunk = b""
                     except OSError as e:
-                        if e.errno == errno.EIO:  # no slave open: cannot happen while we hold one, but be safe
-                            time.sleep(0.01)
-                            continue
-                        raise
+                        if e.errno != errno.EIO:  # EIO: no slave open (we hold one, but...)
+                            raise
+                        time.sleep(0.01)
+                        chunk = b""
                     if chunk:
                         buf += chunk
-                        last_rx = time.monotonic()
-                self._parse(buf, stale=time.monotonic() - last_rx >= self.inter_byte_timeout_s)
-        except BaseException as e:  # surfaced to tests through .thread_error
+                        self._last_rx = time.monotonic()
+                self._parse(
+                    buf, stale=time.monotonic() - self._last_rx >= self.inter_byte_timeout_s
+                )
+                self._busy = False
+        except Exception as e:  # noqa: BLE001 -- surfaced to tests through .thread_error
             self.thread_error = e
+        finally:
+            self._busy = False
 
     def _parse(self, buf: bytearray, stale: bool) -> None:
         """Handle every complete packet in ``buf``; skip what cannot be a packet.
@@ -377,7 +520,9 @@ class FeetechEmulator:
             if len(buf) < 4:
                 break
             id_, length = buf[2], buf[3]
-            if id_ == 0xFF or length < 2:  # FF FF FF..: the real header starts later; LEN < 2 is impossible
+            if (
+                id_ == 0xFF or length < 2
+            ):  # FF FF FF..: the real header starts later; LEN < 2 is impossible
                 self.bad_bytes += 1
                 del buf[0]
                 continue
@@ -398,65 +543,77 @@ class FeetechEmulator:
 
     def _handle(self, pkt: Packet) -> None:
         self.packets.append(pkt)
-        replies: list[bytes] = []
-        now = time.monotonic()
+        baud = self.baudrate if self.check_baudrate else None
         with self._lock:
+            now = time.monotonic()
             for motor in self._motors.values():
                 motor.step(self.speed, now)
-            if pkt.instruction == PING:
-                targets = sorted(self._motors) if pkt.id == BROADCAST_ID else [pkt.id]
-                replies = [self._status(i) for i in targets if i in self._motors]
-            elif pkt.instruction == READ and len(pkt.params) == 2 and pkt.id in self._motors:
-                addr, size = pkt.params
-                replies = [self._status(pkt.id, 0, self._read(pkt.id, addr, size))]
-            elif pkt.instruction in (WRITE, REG_WRITE) and pkt.params:
-                for id_ in self._addressed(pkt.id):
-                    answers = pkt.id != BROADCAST_ID and self._answers_all(id_)  # before an ID change
-                    if pkt.instruction == WRITE:
-                        self._write_registers(id_, pkt.params[0], pkt.params[1:])
-                    else:
-                        self._motors[id_].pending = (pkt.params[0], pkt.params[1:])
-                    if answers:
-                        replies.append(self._status(id_))
-            elif pkt.instruction == ACTION:
-                for id_ in self._addressed(pkt.id):
-                    answers = pkt.id != BROADCAST_ID and self._answers_all(id_)
-                    motor = self._motors[id_]
-                    if motor.pending is not None:
-                        addr, data = motor.pending
-                        motor.pending = None
-                        self._write_registers(id_, addr, data)
-                    if answers:
-                        replies.append(self._status(id_))
-            elif pkt.instruction == RESET:
-                for id_ in self._addressed(pkt.id):
-                    answers = self._answers_all(id_)
-                    self._motors[id_] = _Motor(id_, self._motors[id_].actual)
-                    if pkt.id != BROADCAST_ID and answers:
-                        replies.append(self._status(id_))
-            elif pkt.instruction == SYNC_READ and len(pkt.params) >= 2:
-                addr, size = pkt.params[0], pkt.params[1]
-                for id_ in pkt.params[2:]:  # each servo answers in its turn, in the order listed
-                    if id_ in self._motors:
-                        replies.append(self._status(id_, 0, self._read(id_, addr, size)))
-            elif pkt.instruction == SYNC_WRITE and len(pkt.params) >= 2:
-                addr, size = pkt.params[0], pkt.params[1]
-                block = pkt.params[2:]
-                for i in range(0, len(block) - size, size + 1):
-                    if block[i] in self._motors:
-                        self._write_registers(block[i], addr, block[i + 1 : i + 1 + size])
-            # anything else (unknown instruction, READ of an absent id, ...) gets no answer
+            # the motors that hear this packet: those listening at the port's baud rate
+            on_bus = {
+                i
+                for i, m in self._motors.items()
+                if baud is None or _BAUD_CODES.get(m.get("Baud_Rate"), baud) == baud
+            }
+            replies = self._answer(pkt, on_bus)
         for reply in replies:
             if self.reply_delay_s:
                 time.sleep(self.reply_delay_s)
             self._write(reply)
 
-    def _addressed(self, id_: int) -> list[int]:
-        return sorted(self._motors) if id_ == BROADCAST_ID else [id_] if id_ in self._motors else []
+    def _answer(self, pkt: Packet, on_bus: set[int]) -> list[bytes]:
+        """The status packets for ``pkt`` (called with the lock held); registers are updated."""
+        replies: list[bytes] = []
+        targets = sorted(on_bus) if pkt.id == BROADCAST_ID else [pkt.id] if pkt.id in on_bus else []
+        unicast = pkt.id != BROADCAST_ID
+        if pkt.instruction == PING:
+            replies = [
+                self._status(i) for i in targets
+            ]  # PING answers even at Response_Status_Level 0
+        elif pkt.instruction == READ and len(pkt.params) == 2:
+            addr, size = pkt.params
+            replies = [self._status(i, 0, self._read(i, addr, size)) for i in targets if unicast]
+        elif pkt.instruction in (WRITE, REG_WRITE) and pkt.params:
+            for id_ in targets:
+                answers = unicast and self._answers_all(id_)  # decided before an ID change
+                if pkt.instruction == WRITE:
+                    self._write_registers(id_, pkt.params[0], pkt.params[1:])
+                else:
+                    self._motors[id_].pending = (pkt.params[0], pkt.params[1:])
+                if answers:
+                    replies.append(self._status(id_))
+        elif pkt.instruction == ACTION:
+            for id_ in targets:
+                answers = unicast and self._answers_all(id_)
+                motor = self._motors[id_]
+                if motor.pending is not None:
+                    (addr, data), motor.pending = motor.pending, None
+                    self._write_registers(id_, addr, data)
+                if answers:
+                    replies.append(self._status(id_))
+        elif (
+            pkt.instruction == RESET
+        ):  # factory defaults (keeps the id, as SO-101 set-up would want)
+            for id_ in targets:
+                answers = unicast and self._answers_all(id_)
+                self._motors[id_] = _Motor(id_, self._motors[id_].actual)
+                if answers:
+                    replies.append(self._status(id_))
+        elif pkt.instruction == SYNC_READ and len(pkt.params) >= 2 and not unicast:
+            addr, size = pkt.params[0], pkt.params[1]
+            for id_ in pkt.params[2:]:  # each servo answers in its turn, in the order listed
+                if id_ in on_bus:
+                    replies.append(self._status(id_, 0, self._read(id_, addr, size)))
+        elif pkt.instruction == SYNC_WRITE and len(pkt.params) >= 2 and not unicast:
+            addr, size = pkt.params[0], pkt.params[1]
+            block = pkt.params[2:]
+            for i in range(0, len(block) - size, size + 1):
+                if block[i] in on_bus:
+                    self._write_registers(block[i], addr, block[i + 1 : i + 1 + size])
+        # anything else (unknown instruction, an absent id, ...) gets no answer
+        return replies
 
     def _answers_all(self, id_: int) -> bool:
-        motor = self._motors.get(id_)
-        return motor is not None and motor.get("Response_Status_Level") != 0
+        return self._motors[id_].get("Response_Status_Level") != 0
 
     def _read(self, id_: int, addr: int, size: int) -> bytes:
         data = bytes(self._motors[id_].table[addr : addr + size])
@@ -477,11 +634,9 @@ class FeetechEmulator:
             lo, hi = motor.get("Min_Position_Limit"), motor.get("Max_Position_Limit")
             if lo < hi:
                 goal = min(hi, max(lo, goal))
-            target = goal + motor.homing()
-            if target != motor.actual:
-                motor.goal_actual = target
-                motor.move_start = (time.monotonic(), motor.actual)
-                motor.step(self.speed, time.monotonic())
+            motor.goal_actual = goal + motor.homing()
+            motor.move_start = (time.monotonic(), motor.actual)
+            motor.step(self.speed, time.monotonic())
         if 5 in touched and motor.get("ID") != id_:
             new_id = motor.get("ID")
             if new_id in self._motors or new_id >= BROADCAST_ID:
