@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import pickle  # nosec: LeRobot's own wire format
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,7 +120,9 @@ class ServerHandle:
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, keep_log: bool = False) -> None:
+        """Stop the server process (SIGTERM, then SIGKILL) and remove its working folder
+        (its logs/ and server.out) unless keep_log."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -127,6 +130,8 @@ class ServerHandle:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if not keep_log:
+            shutil.rmtree(self.log.parent, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -1,0 +1,208 @@
+"""Round trip of one observation against LeRobot's own async inference, side by side in one run.
+
+One observation (two 480x640x3 uint8 images, a 6-float state, a task string) goes from a
+client to a policy and comes back as an action chunk (50 x 6), over loopback TCP:
+
+  chunkbus  client -> broker -> worker -> broker -> client (`BrokerClient`, `chunkbus broker`,
+            the worker of scripts/chunkbus_bench_worker.py), raw frames and JPEG frames
+  LeRobot   its PolicyServer, driven the way its RobotClient drives it: its gRPC stubs, its
+            pickled TimedObservation in chunks, GetActions (scripts/lerobot_async_side.py;
+            its docstring lists every setting; the one changed is inference_latency = 0,
+            a sleep that only paces chunks to a robot's rate)
+
+Two cases, each with the same checkpoint (an ACT with random weights, 3x480x640 images,
+saved with save_pretrained into a temporary folder and loaded from there on both sides):
+  act       the policy runs on the CPU
+  overhead  on both sides the one call to the policy's predict_action_chunk is replaced by
+            a function returning zeros of the chunk's shape (chunkbus: the worker's
+            policy.predict_action_chunk; LeRobot: PolicyServer._get_action_chunk, its only
+            caller). Everything else, each framework's own decoding, pre- and
+            post-processing, serialisation and transport, runs as is.
+And four clients at once (overhead case): four chunkbus clients share one broker and one
+worker (--max-batch 4, its intended layout); four LeRobot clients each get their own
+PolicyServer (its intended layout: one robot per server). Torch runs one thread per
+process on both sides (--threads), the same for both.
+
+The last line is JSON: {"overhead": {"chunkbus": {"p50_ms", "p99_ms"}, "lerobot": {...},
+"ratio_p50", "ratio_p99"}, "act": {...}, "jpeg": {"p50_ms", "p99_ms"},
+"four_clients": {"chunkbus_rps", "lerobot_rps"}} (ratio = LeRobot / chunkbus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def observation(request_id: str, jpeg: bool = False, seed: int = 0):
+    from chunkbus.bus import JpegImage, Observation, ObservationRequest
+
+    rng = np.random.default_rng(seed)
+    images = {}
+    for camera in ("front", "wrist"):
+        pixels = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        images[f"observation.images.{camera}"] = JpegImage.encode(pixels) if jpeg else pixels
+    state = rng.standard_normal(6).astype(np.float32)
+    now = time.monotonic()
+    return ObservationRequest(robot_id="bench", request_id=request_id, tick=0, fps=30.0, send_time=now,
+                              task="pick up the cube", observations=[Observation(0, now, state, images)])
+
+
+def chunkbus_round_trips(frontend: str, count: int, jpeg: bool = False, warmup: int = 3) -> list[float]:
+    from chunkbus.bus.client import BrokerClient
+
+    # Encoded once per distinct request: the client's cost is what BrokerClient.send does.
+    requests = [observation(f"rt-{i}", jpeg, seed=i % 4) for i in range(count + warmup)]
+    times = []
+    with BrokerClient(frontend) as client:
+        for i, request in enumerate(requests):
+            start = time.perf_counter()
+            client.request("bench", request, timeout=120)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def chunkbus_throughput(frontend: str, clients: int, seconds: float) -> float:
+    from chunkbus.bus.client import BrokerClient
+
+    counts = [0] * clients
+    barrier = threading.Barrier(clients + 1)
+    end = [float("inf")]
+
+    def run(index: int) -> None:
+        with BrokerClient(frontend) as client:
+            request = observation(f"tp-{index}", seed=index)
+            client.request("bench", request, timeout=120)  # warm up
+            barrier.wait()
+            while time.perf_counter() < end[0]:
+                client.request("bench", request, timeout=120)
+                if time.perf_counter() <= end[0]:
+                    counts[index] += 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    end[0] = time.perf_counter() + seconds
+    for thread in threads:
+        thread.join()
+    return sum(counts) / seconds
+
+
+def start_chunkbus(cluster, checkpoint: Path, trivial: bool) -> str:
+    """A broker and a bench worker; returns the broker's frontend."""
+    frontend, backend = cluster.broker()
+    args = [sys.executable, str(Path(__file__).parent / "chunkbus_bench_worker.py"), backend, str(checkpoint)]
+    process = cluster.start(*args, *(["--trivial"] if trivial else []))
+    for line in process.stderr:
+        if json.loads(line).get("event") == "worker ready":
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return frontend
+    raise RuntimeError("the bench worker did not start")
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    p50, p99 = np.percentile(np.array(seconds) * 1000, [50, 99])
+    return {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
+
+
+def compare(chunkbus: list[float], lerobot: list[float]) -> dict:
+    ours, theirs = percentiles(chunkbus), percentiles(lerobot)
+    return {"chunkbus": ours, "lerobot": theirs, "ratio_p50": round(theirs["p50_ms"] / ours["p50_ms"], 2),
+            "ratio_p99": round(theirs["p99_ms"] / ours["p99_ms"], 2)}
+
+
+def plot(path: str, samples: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(samples), figsize=(6 * len(samples), 4))
+    for axis, (case, pair) in zip(np.atleast_1d(axes), samples.items()):
+        for name, values in pair.items():
+            ms = np.sort(np.array(values) * 1000)
+            axis.plot(ms, np.arange(1, len(ms) + 1) / len(ms), label=f"{name} (p50 {np.median(ms):.1f} ms)")
+        axis.set_xscale("log")
+        axis.set_xlabel("round trip, ms (log scale)")
+        axis.set_ylabel("fraction of requests")
+        axis.set_title(f"{case}: one observation, two 480x640 images")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200, help="round trips per side, overhead case")
+    parser.add_argument("--act-count", type=int, default=20, help="round trips per side, ACT case")
+    parser.add_argument("--seconds", type=float, default=5.0, help="four-client phase, per side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process, both sides")
+    parser.add_argument("--plot", default=None, help="write the latency distribution here (PNG)")
+    parser.add_argument("--quick", action="store_true", help="a few of each (a smoke test)")
+    args = parser.parse_args()
+    if args.quick:
+        args.count, args.act_count, args.seconds = 10, 2, 1.0
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every server process
+    os.environ["CHUNKBUS_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="cb-roundtrip-", dir="/tmp")
+    from bench_broker import Cluster
+    import lerobot_async_side as lerobot
+
+    checkpoint = lerobot.make_act_checkpoint(Path(tempfile.mkdtemp(prefix="cb-act-")) / "act")
+    results, samples = {}, {}
+    for case, trivial, count in (("overhead", True, args.count), ("act", False, args.act_count)):
+        cluster = Cluster()
+        try:
+            frontend = start_chunkbus(cluster, checkpoint, trivial)
+            ours = chunkbus_round_trips(frontend, count)
+            if trivial:
+                results["jpeg"] = percentiles(chunkbus_round_trips(frontend, count, jpeg=True))
+                chunkbus_rps = chunkbus_throughput(frontend, 4, args.seconds)
+        finally:
+            cluster.stop()
+        port = free_port()
+        with lerobot.start_policy_server(port, (lerobot.CHUNK, lerobot.ACTION_DIM) if trivial else None):
+            with lerobot.LerobotClient(port, checkpoint).connect() as client:
+                theirs = client.measure(count, warmup=3)
+        results[case] = compare(ours, theirs)
+        samples[case] = {"chunkbus": ours, "LeRobot async": theirs}
+        print(f"{case}: chunkbus p50 {results[case]['chunkbus']['p50_ms']:.1f} ms p99 "
+              f"{results[case]['chunkbus']['p99_ms']:.1f} ms | LeRobot p50 {results[case]['lerobot']['p50_ms']:.1f} ms "
+              f"p99 {results[case]['lerobot']['p99_ms']:.1f} ms | ratio p50 {results[case]['ratio_p50']:.1f}x "
+              f"p99 {results[case]['ratio_p99']:.1f}x", flush=True)
+        if trivial:
+            ports = [free_port() for _ in range(4)]
+            servers = [lerobot.start_policy_server(p, (lerobot.CHUNK, lerobot.ACTION_DIM)) for p in ports]
+            try:
+                lerobot_rps = lerobot.throughput(ports, clients=4, seconds=args.seconds, checkpoint=checkpoint)
+            finally:
+                for server in servers:
+                    server.stop()
+            results["four_clients"] = {"chunkbus_rps": round(chunkbus_rps, 1), "lerobot_rps": round(lerobot_rps, 1)}
+            print(f"four clients: chunkbus {chunkbus_rps:.1f} requests/s, LeRobot {lerobot_rps:.1f} requests/s", flush=True)
+    if args.plot:
+        plot(args.plot, samples)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
