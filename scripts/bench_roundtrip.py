@@ -10,7 +10,8 @@ client to a policy and comes back as an action chunk (50 x 6), over loopback TCP
             its docstring lists every setting; the one changed is inference_latency = 0,
             a sleep that only paces chunks to a robot's rate)
 
-Two cases, each with the same checkpoint (an ACT with random weights, 3x480x640 images,
+The round trips of the two are taken in turn (both running at once), so a slow moment of
+this shared machine hits both alike. Two cases, each with the same checkpoint (an ACT with random weights, 3x480x640 images,
 saved with save_pretrained into a temporary folder and loaded from there on both sides):
   act       the policy runs on the CPU
   overhead  on both sides the one call to the policy's predict_action_chunk is replaced by
@@ -65,19 +66,28 @@ def observation(request_id: str, jpeg: bool = False, seed: int = 0):
                               task="pick up the cube", observations=[Observation(0, now, state, images)])
 
 
-def chunkbus_round_trips(frontend: str, count: int, jpeg: bool = False, warmup: int = 3) -> list[float]:
-    from chunkbus.bus.client import BrokerClient
-
-    # Encoded once per distinct request: the client's cost is what BrokerClient.send does.
+def interleaved(chunkbus_client, lerobot_client, count: int, jpeg: bool = False, warmup: int = 3):
+    """Round trips taken in turn, chunkbus then LeRobot then LeRobot then chunkbus ..., so
+    that both see the same machine: a slow moment on a shared host hits both alike."""
     requests = [observation(f"rt-{i}", jpeg, seed=i % 4) for i in range(count + warmup)]
-    times = []
-    with BrokerClient(frontend) as client:
-        for i, request in enumerate(requests):
-            start = time.perf_counter()
-            client.request("bench", request, timeout=120)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
+    ours, theirs = [], []
+
+    def ours_once(request):
+        start = time.perf_counter()
+        chunkbus_client.request("bench", request, timeout=120)
+        return time.perf_counter() - start
+
+    for i, request in enumerate(requests):
+        if i % 2:
+            pair = (ours_once(request), lerobot_client.round_trip(i) if lerobot_client else None)
+        else:
+            their = lerobot_client.round_trip(i) if lerobot_client else None
+            pair = (ours_once(request), their)
+        if i >= warmup:
+            ours.append(pair[0])
+            if pair[1] is not None:
+                theirs.append(pair[1])
+    return ours, theirs
 
 
 def chunkbus_throughput(frontend: str, clients: int, seconds: float) -> float:
@@ -167,22 +177,25 @@ def main() -> None:
     from bench_broker import Cluster
     import lerobot_async_side as lerobot
 
+    from chunkbus.bus.client import BrokerClient
+
     checkpoint = lerobot.make_act_checkpoint(Path(tempfile.mkdtemp(prefix="cb-act-")) / "act")
     results, samples = {}, {}
     for case, trivial, count in (("overhead", True, args.count), ("act", False, args.act_count)):
         cluster = Cluster()
+        port = free_port()
+        chunk = (lerobot.CHUNK, lerobot.ACTION_DIM) if trivial else None
         try:
             frontend = start_chunkbus(cluster, checkpoint, trivial)
-            ours = chunkbus_round_trips(frontend, count)
+            with lerobot.start_policy_server(port, chunk), BrokerClient(frontend) as ours_client, \
+                    lerobot.LerobotClient(port, checkpoint).connect() as their_client:
+                ours, theirs = interleaved(ours_client, their_client, count)
+                if trivial:
+                    results["jpeg"] = percentiles(interleaved(ours_client, None, count, jpeg=True)[0])
             if trivial:
-                results["jpeg"] = percentiles(chunkbus_round_trips(frontend, count, jpeg=True))
                 chunkbus_rps = chunkbus_throughput(frontend, 4, args.seconds)
         finally:
             cluster.stop()
-        port = free_port()
-        with lerobot.start_policy_server(port, (lerobot.CHUNK, lerobot.ACTION_DIM) if trivial else None):
-            with lerobot.LerobotClient(port, checkpoint).connect() as client:
-                theirs = client.measure(count, warmup=3)
         results[case] = compare(ours, theirs)
         samples[case] = {"chunkbus": ours, "LeRobot async": theirs}
         print(f"{case}: chunkbus p50 {results[case]['chunkbus']['p50_ms']:.1f} ms p99 "

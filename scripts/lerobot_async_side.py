@@ -381,12 +381,14 @@ class ThroughputResult:
 
 def throughput_details(port: int | Sequence[int], checkpoint: Path | str, clients: int = 4, seconds: float = 5.0,
                        warmup: int = 1, receiver_thread: bool = True,
-                       resend_after: float = 2.5) -> ThroughputResult:
+                       resend_after: float = 2.5, warmup_timeout: float = 20.0) -> ThroughputResult:
     """`clients` LerobotClients in threads, each doing sequential round trips for `seconds`.
     port: one port (all clients on one PolicyServer) or a list (client i on ports[i % len]).
     Every client handshakes (Ready + SendPolicyInstructions) in turn before any traffic, as
     RobotClients starting one after another would. Only chunks that came back to the client
-    whose observation they answer count; see the module docstring on sharing a server."""
+    whose observation they answer count; see the module docstring on sharing a server.
+    A client whose round trip fails (TimeoutError: on a shared server its observations keep
+    being answered to others) stops; its error is in .errors."""
     ports = [port] if isinstance(port, int) else list(port)
     group = [LerobotClient(ports[i % len(ports)], checkpoint, receiver_thread=receiver_thread, seed=i,
                            resend_after=resend_after) for i in range(clients)]
@@ -404,7 +406,7 @@ def throughput_details(port: int | Sequence[int], checkpoint: Path | str, client
         base = (index + 1) * 1_000_000  # timesteps say which client asked
         try:
             for k in range(warmup):
-                client.round_trip(base + k)
+                client.round_trip(base + k, timeout=warmup_timeout)
             client.foreign_chunks = client.resends = 0
         except Exception as error:  # noqa: BLE001
             errors.append(f"client {index} warmup: {error!r}")
@@ -463,27 +465,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _self_check() -> None:
+def _self_check(shared: bool = False) -> None:
+    """1 trivial + 1 real-ACT server: 20 round trips each (plus 10 sequential on the trivial
+    one), then 4 clients on 4 trivial servers for 4 s. --shared adds 4 clients on ONE server."""
     began = time.perf_counter()
     folder = make_act_checkpoint(Path(tempfile.gettempdir()) / "lerobot-async-side-act")
-    print(f"checkpoint {folder}  features {list(lerobot_features())}", flush=True)
+    print(f"checkpoint {folder}  lerobot_features {list(lerobot_features())}", flush=True)
     trivial_ports = [_free_port() for _ in range(4)]
     real_port = _free_port()
     servers = [start_policy_server(p, (CHUNK, ACTION_DIM)) for p in trivial_ports]
     servers.append(start_policy_server(real_port, None))
     try:
         print(f"5 servers up in {time.perf_counter() - began:.1f} s", flush=True)
-        for name, port in (("trivial", trivial_ports[0]), ("real ACT", real_port)):
-            with LerobotClient(port, folder).connect() as client:
-                print(f"{name:9s} 1 client, receiver thread : {_ms(client.measure(20))}", flush=True)
-            with LerobotClient(port, folder, receiver_thread=False).connect() as client:
-                print(f"{name:9s} 1 client, sequential      : {_ms(client.measure(10))}", flush=True)
-        for label, ports in (("4 clients, 4 trivial servers", trivial_ports),
-                             ("4 clients, 1 trivial server ", trivial_ports[0]),
-                             ("4 clients, 1 real-ACT server", real_port)):
-            result = throughput_details(ports, folder, clients=4, seconds=4.0)
+        with LerobotClient(trivial_ports[0], folder).connect() as client:
+            print(f"trivial   1 client, receiver thread: {_ms(client.measure(20))}", flush=True)
+        with LerobotClient(trivial_ports[0], folder, receiver_thread=False).connect() as client:
+            print(f"trivial   1 client, sequential     : {_ms(client.measure(10))}", flush=True)
+        with LerobotClient(real_port, folder).connect() as client:
+            print(f"real ACT  1 client, receiver thread: {_ms(client.measure(20))}", flush=True)
+        runs = [("4 clients on 4 trivial servers", trivial_ports)]
+        if shared:
+            runs.append(("4 clients on 1 trivial server ", trivial_ports[0]))
+        for label, ports in runs:
+            result = throughput_details(ports, folder, clients=4, seconds=4.0, warmup_timeout=8.0)
             print(f"{label}: {result.requests_per_second:6.1f} req/s  per client {result.per_client}  "
-                  f"{_ms(result.latencies)}  foreign chunks {result.foreign_chunks}  resends {result.resends}"
+                  f"{_ms(result.latencies)}  stolen/stray chunks {result.foreign_chunks}  resends {result.resends}"
                   + (f"  errors {result.errors}" if result.errors else ""), flush=True)
     finally:
         for server in servers:
@@ -495,4 +501,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "_serve":
         _serve(json.loads(sys.argv[2]))
     else:
-        _self_check()
+        _self_check(shared="--shared" in sys.argv[1:])
