@@ -75,8 +75,25 @@ def page(results: dict) -> str:
         gpu_note(),
         "",
     ]
+    aims = []
     if "codec" in results:
         c = results["codec"]
+        aims.append(("codec at least 5x faster than pickle", c["speedup_vs_pickle"] >= 5, f"{c['speedup_vs_pickle']:.1f}x"))
+        aims.append(("codec costs no more than one memcpy of the payload", c["ratio_to_memcpy"] <= 1,
+                     f"{c['ratio_to_memcpy']:.2f}x for one observation, {c['history5_ratio_to_memcpy']:.2f}x for a 5-step history"))
+    if "roundtrip" in results:
+        r = results["roundtrip"]["overhead"]
+        aims.append(("round-trip overhead at least 5x lower than LeRobot's, p50 and p99",
+                     r["ratio_p50"] >= 5 and r["ratio_p99"] >= 5, f"{r['ratio_p50']:.1f}x / {r['ratio_p99']:.1f}x"))
+        f = results["roundtrip"]["four_clients"]
+        aims.append(("higher throughput with four clients", f["chunkbus_rps"] > f["lerobot_rps"],
+                     f"{f['chunkbus_rps']:.0f} vs {f['lerobot_rps']:.0f} requests/s"))
+    if "jitter" in results:
+        for rate, v in results["jitter"].items():
+            aims.append((f"tick lateness p99 under 1 ms at {rate[2:]} Hz", v["p99_us"] < 1000, f"{v['p99_us'] / 1000:.2f} ms"))
+    if aims:
+        out += ["## Aims", "", table(["aim", "met", "figure"], [[a, "yes" if ok else "**no**", fig] for a, ok, fig in aims]), ""]
+    if "codec" in results:
         out += ["## Codec: encode + decode of one observation (`scripts/bench_codec.py`)", "",
                 table(["codec", "µs", "vs chunkbus"], [
                     ["chunkbus", f"{c['chunkbus_us']:.0f}", ""],
