@@ -241,15 +241,13 @@ class LerobotClient:
     def connect(self, start_receiver: bool = True) -> "LerobotClient":
         import grpc
 
-        from lerobot.async_inference.helpers import RemotePolicyConfig
+        from lerobot.async_inference.helpers import RemotePolicyConfig, map_robot_keys_to_lerobot_features
         from lerobot.transport import services_pb2, services_pb2_grpc
         from lerobot.transport.utils import grpc_channel_options
 
         self._pb2 = services_pb2
         self.robot = make_robot()
         self._motors = [key for key, kind in self.robot.observation_features.items() if kind is float]
-        from lerobot.async_inference.helpers import map_robot_keys_to_lerobot_features
-
         self.policy_config = RemotePolicyConfig("act", self.checkpoint, map_robot_keys_to_lerobot_features(self.robot),
                                                 self.actions_per_chunk, "cpu")
         self.channel = grpc.insecure_channel(self.address,
