@@ -108,7 +108,11 @@ def page(results: dict) -> str:
         out += ["## Broker (`scripts/bench_broker.py`)", "",
                 table(["figure", "value"], [
                     ["requests/s, four scripted workers, 64 in flight", f"{b['req_per_s']:.0f}"],
-                    ["latency the broker adds, p50 / p99", f"{b['p50_us'] / 1000:.2f} / {b['p99_us'] / 1000:.2f} ms"],
+                    ["round trip through the broker (bare echo worker), p50 / p99",
+                     f"{b['round_trip_p50_us'] / 1000:.2f} / {b['round_trip_p99_us'] / 1000:.2f} ms"],
+                    ["the same without a broker (client to echo), p50 / p99",
+                     f"{b['direct_p50_us'] / 1000:.2f} / {b['direct_p99_us'] / 1000:.2f} ms"],
+                    ["latency the broker adds: the difference, p50 / p99", f"{b['p50_us'] / 1000:.2f} / {b['p99_us'] / 1000:.2f} ms"],
                     ["high-priority p99 under low-priority saturation", f"{b['high_priority_p99_us'] / 1000:.1f} ms"],
                     ["low-priority p99 meanwhile", f"{b['low_priority_p99_us'] / 1000:.1f} ms"],
                 ]), ""]
@@ -136,7 +140,9 @@ def page(results: dict) -> str:
             out += [f"chunkbus with JPEG frames: p50 {r['jpeg']['p50_ms']:.2f} ms, p99 {r['jpeg']['p99_ms']:.2f} ms.", ""]
         if "four_clients" in r:
             f = r["four_clients"]
-            out += [f"Four clients at once: chunkbus {f['chunkbus_rps']:.1f} requests/s, LeRobot {f['lerobot_rps']:.1f} requests/s.", ""]
+            out += [f"Four clients at once: chunkbus {f['chunkbus_rps']:.1f} requests/s, LeRobot {f['lerobot_rps']:.1f} requests/s "
+                    "(overhead case; chunkbus: one broker and one worker with --max-batch 4; LeRobot: four PolicyServers, "
+                    "one per client, since one serves a single robot).", ""]
         if (DOCS / "roundtrip_latency.png").exists():
             out += ["![round-trip latency distribution](roundtrip_latency.png)", ""]
         if "notes" in r:
