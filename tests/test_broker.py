@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationRequest, decode, encode
+from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationRequest, decode
 from chunkbus.bus.client import BrokerClient, RequestFailed
 from mdp_peers import CHUNKBUS, RawClient, RawWorker, kill, start_broker, start_worker, wait_for
 

@@ -75,6 +75,11 @@ def test_worker_serves_a_lerobot_checkpoint(kind, checkpoints, processes):
         client.send(kind, wrong_state)
         error = client.receive(60).message
         assert error.code == "bad_request" and "state has 4 values" in error.message
+        grey = two_camera_request("grey", steps)
+        grey.observations[-1].images[CAMERAS[0]] = np.zeros((480, 640, 1), np.uint8)
+        client.send(kind, grey)
+        error = client.receive(60).message
+        assert error.code == "bad_request" and f"{CAMERAS[0]} has 1 channels; the model needs 3" in error.message
         assert client.request(kind, two_camera_request("again", steps), timeout=60).actions.shape[1] == ACTION_SIZE
 
 

@@ -154,3 +154,43 @@ def test_broker_loss_holds_the_last_command_and_resumes(runtime_dir, processes):
     np.testing.assert_array_equal(np.vstack([c.positions for c in resumed]), f([c.tick for c in resumed]))
     processes.wait_log(actuator, "schedule ran dry: holding the last command")
     processes.wait_log(actuator, "chunks arrive again: moving")
+
+
+def test_a_camera_that_stops_delivering_is_reopened_and_reported(runtime_dir):
+    import threading
+
+    from chunkbus.nodes.camera import CameraNode, SyntheticSource
+
+    class Flaky(SyntheticSource):
+        """Delivers five frames, then fails, as an unplugged USB camera does."""
+
+        def read(self):
+            if self.seq >= 5:
+                raise RuntimeError("read failed")
+            return super().read()
+
+    opened = []
+
+    def opener():
+        opened.append(1)
+        if len(opened) == 2:
+            raise RuntimeError("still unplugged")  # the first reopen fails too
+        return Flaky(32, 24)
+
+    node = CameraNode("flaky", opener, 50.0, "raw", 90, "camera_flaky")
+    seen = []
+    with Subscriber(["camera_flaky"], ["camera/flaky"], on_message=seen.append, rcvhwm=1000):
+        time.sleep(0.3)  # let the subscription reach the publisher's socket
+        thread = threading.Thread(target=node.run)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(opened) < 3 or len(seen) < 8:
+                assert time.monotonic() < deadline, f"opened {len(opened)} times, {len(seen)} frames"
+                time.sleep(0.05)
+        finally:
+            node.stop()
+            thread.join(timeout=10)
+    assert node.failures >= 1 and len(opened) >= 3  # reopened after a failed attempt
+    seqs = [r.message.seq for r in seen]
+    assert seqs == sorted(seqs)  # the node's own numbering goes on across reopenings
