@@ -247,6 +247,20 @@ def decode_header(frame: Frame) -> Header:
     return _read_header(_frame_view(frame), None)[0]
 
 
+def message_type(frame: Frame) -> str | None:
+    """The type a header frame names, read from its first two keys only (the fields are
+    not parsed); None for anything that is not a header of this protocol version."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_HEADER_BYTES)
+    try:
+        unpacker.feed(_frame_view(frame))
+        if unpacker.read_map_header() < 2 or unpacker.unpack() != "v" or unpacker.unpack() != PROTOCOL_VERSION:
+            return None
+        kind = unpacker.unpack() == "type" and unpacker.unpack()
+    except Exception:
+        return None
+    return kind if kind in MESSAGE_TYPES else None
+
+
 def _buffer(description: Any, frame: memoryview, index: int) -> np.ndarray | JpegImage:
     where = f"buffer {index}"
     if not isinstance(description, dict) or not isinstance(description.get("key"), str):

@@ -36,8 +36,6 @@ REQUEST = b"\x02"
 REPLY = b"\x03"
 HEARTBEAT = b"\x04"
 DISCONNECT = b"\x05"
-COMMAND_NAMES = {READY: "READY", REQUEST: "REQUEST", REPLY: "REPLY", HEARTBEAT: "HEARTBEAT",
-                 DISCONNECT: "DISCONNECT"}
 
 MMI_SERVICE = "mmi.service"  # RFC 8: "200" if the service has a worker, "404" if not
 STATUS_SERVICE = "mmi.status"  # chunkbus: services, workers, queues, latencies (msgpack map)

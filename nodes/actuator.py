@@ -97,6 +97,7 @@ class Actuator:
         self.history: deque[Observation] = deque(maxlen=64)
         self.outstanding: tuple[str, int, float] | None = None  # request id, tick, send time
         self.round_trips: deque[float] = deque(maxlen=50)
+        self.expected_delay = math.ceil(config.fps)  # ticks; 1 s until a round trip is measured
         self.last_command: np.ndarray | None = None
         self.names: list[str] = []
         self.counts = dict.fromkeys(
@@ -147,6 +148,7 @@ class Actuator:
                 self.log.warning("request answered with an error", code=message.code, why=message.message)
                 continue
             self.round_trips.append(now - sent)
+            self.expected_delay = math.ceil(np.percentile(self.round_trips, 95) * self.config.fps)
             self.accept(message, tick)
 
     def accept(self, chunk: ActionChunk, tick: int) -> None:
@@ -198,10 +200,6 @@ class Actuator:
         images = {self.config.cameras[c]: r.message.image for c, r in frames.items()}
         self.history.append(Observation(tick=tick, time=now, state=state.message.positions, images=images))
 
-    def expected_delay_ticks(self) -> int:
-        seconds = np.percentile(self.round_trips, 95) if self.round_trips else 1.0
-        return math.ceil(seconds * self.config.fps)
-
     def maybe_request(self, tick: int, now: float) -> None:
         if self.outstanding is not None:
             if now - self.outstanding[2] < self.config.request_timeout:
@@ -210,7 +208,7 @@ class Actuator:
             self.log.warning("no answer: asking again", timeout_s=self.config.request_timeout)
             self.outstanding = None
         left = self.schedule.remaining(tick + 1) if self.schedule is not None else 0
-        if left > self.expected_delay_ticks() + self.config.margin_ticks:
+        if left > self.expected_delay + self.config.margin_ticks:
             return
         steps = self.config.n_obs_steps or int((self.model.model or {}).get("n_obs_steps") or 1)
         if len(self.history) < steps or self.history[-1].tick != tick:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -106,7 +106,6 @@ class Listener:
 class TopicFigures:
     messages: int = 0
     bytes: int = 0
-    times: list[float] = field(default_factory=list)  # receive times in the current window
 
 
 def _stop_on_signals() -> threading.Event:

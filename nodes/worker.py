@@ -215,7 +215,6 @@ class Worker:
                             robot_id=request.robot_id,
                             tick=request.tick,
                             actions=outcome.actions,
-                            names=self.policy.describe().get("action_names", []),
                             worker=self.link.info.name,
                             model=self.policy.name,
                             timings=timings,

@@ -356,3 +356,21 @@ def test_the_broker_stops_cleanly_and_answers_what_it_held(broker, client):
     assert {rid: m.code for rid, m in got.items()} == {"running": "failed", "queued": "failed"}
     assert broker.process.wait(timeout=10) == 0
     worker.close()
+
+
+def test_worker_errors_are_counted_apart(broker, client):
+    from chunkbus.bus import encode
+
+    worker = RawWorker(broker.backend, "svc")
+    wait_for(lambda: registered(client, "svc"), what="registration")
+    client.send("svc", request("bad"))
+    worker.receive()
+    worker.answer(encode(ErrorReply("bad", "bad_request", "missing camera")))
+    assert answers(client, 1)["bad"].code == "bad_request"
+    client.send("svc", request("good"))
+    worker.receive()
+    worker.answer()  # echoes the request: a chunkbus message that is not an error
+    assert set(answers(client, 1)) == {"good"}
+    outcomes = client.status()["services"]["svc"]["outcomes"]
+    assert (outcomes["worker_error"], outcomes["ok"]) == (1, 1)
+    worker.close()

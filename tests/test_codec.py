@@ -411,3 +411,12 @@ def test_every_schema_checks_exactly_the_dataclass_fields_in_order():
 
     for cls in [*MESSAGE_TYPES.values(), Observation]:
         assert list(cls.SCHEMA) == [f.name for f in dataclasses.fields(cls)], cls.__name__
+
+
+def test_message_type_reads_only_the_type():
+    assert codec.message_type(encode(ErrorReply("r", "failed", "why"))[0]) == "error"
+    assert codec.message_type(encode(_frame())[0]) == "camera_frame"
+    header = _header(encode(_frame()))
+    header["v"] = 99
+    assert codec.message_type(_repack(header)) is None
+    assert codec.message_type(b"\xc1 not msgpack") is None
