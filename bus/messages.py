@@ -341,12 +341,14 @@ class ArmState(Message):
     read_time: float  # when the positions were read from the motors
     names: list[str]  # joint names, in the order of `positions`
     positions: np.ndarray
+    holding: bool = False  # no commands arrive: the arm holds where it is
     SCHEMA: ClassVar = {
         "arm": text(NAME),
         "seq": integer(0),
         "read_time": number(),
         "names": list_of(text(NAME)),
         "positions": array(ndim=1),
+        "holding": boolean(),
     }
 
 

@@ -8,17 +8,22 @@ import sys
 import click
 
 from chunkbus.launch.config import LaunchError, load, start_order
+from chunkbus.launch.output import Console
 from chunkbus.launch.supervisor import Supervisor
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
+@click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds [default: run until Ctrl-C].")
 @click.option("--dry-run", is_flag=True, help="Print the processes it would start, and exit.")
 @click.option("--only", multiple=True, help="Start only this node (repeatable).")
-@click.option("--log-json", is_flag=True, help="Nodes log JSON lines.")
-@click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, help="Seconds a node may take to be ready.")
-def launch(file: str, duration: float | None, dry_run: bool, only: tuple[str, ...], log_json: bool, ready_timeout: float) -> None:
+@click.option("--log-json", is_flag=True, help="Print the nodes' log as JSON lines, one object per line.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="The full log: on a terminal, the nodes' statistics as log lines instead of status lines.")
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a node may take to say it is ready.")
+def launch(file: str, duration: float | None, dry_run: bool, only: tuple[str, ...], log_json: bool, verbose: bool,
+           ready_timeout: float) -> None:
     """Start the chunkbus nodes that FILE lists, and look after them until Ctrl-C."""
     from chunkbus.nodes.cli import main as chunkbus
 
@@ -31,16 +36,16 @@ def launch(file: str, duration: float | None, dry_run: bool, only: tuple[str, ..
         if unknown := set(only) - names:
             raise click.ClickException(f"--only {', '.join(sorted(unknown))}: no such node in {file} (nodes: {', '.join(names)})")
         specs = [spec for spec in specs if spec.name in only]
-    supervisor = Supervisor(
-        specs, log_args=["--log-json"] if log_json else [], colour=sys.stdout.isatty(), ready_timeout=ready_timeout
-    )
     if dry_run:
         for spec in start_order(specs):
             env = " ".join(f"{k}={v}" for k, v in spec.env.items())
             after = f"  (after {', '.join(spec.after)})" if spec.after else ""
-            click.echo(f"{spec.name}: {env + ' ' if env else ''}{shlex.join(supervisor.command_line(spec))}{after}")
+            click.echo(f"{spec.name}: {env + ' ' if env else ''}{shlex.join(Supervisor.command_line(spec))}{after}")
         return
-    sys.exit(supervisor.run(duration))
+    terminal = sys.stdout.isatty()
+    console = Console([spec.name for spec in start_order(specs)], colour=terminal and not log_json,
+                      json_lines=log_json, status_board=terminal and not verbose and not log_json)
+    sys.exit(Supervisor(specs, console=console, ready_timeout=ready_timeout).run(duration))
 
 
 def main() -> None:

@@ -1,10 +1,15 @@
 """Runs the nodes of a launch file, each as its own `chunkbus` process, and looks after them.
 
-Output is prefixed with the node's name (in colour on a terminal). A node that exits is
+Output is prefixed with the node's name (launch/output.py). A node that exits is
 restarted by its policy with backoff (1 s, doubling to 30 s); one that exits with a
-failure and may not be restarted (again) stops the launch, which then exits non-zero.
-Ctrl-C, SIGTERM or the end of --duration stop every node: SIGINT, then SIGTERM, then
-SIGKILL after a grace period each. No process is left behind.
+failure and may not be restarted (again), or with EXIT_PERMANENT (a configuration error
+no restart can fix), stops the launch, which then exits non-zero.
+
+Stopping is a safety property. Ctrl-C, SIGTERM, SIGHUP (a lost terminal) or the end of
+--duration stop every node: SIGINT, then SIGTERM, then SIGKILL after a grace period each,
+each signal sent before anything is printed, and no output error (a closed pipe) can
+interrupt it. A launcher killed outright leaves no node behind either: every node watches
+for its launcher's death (bus/lifecycle.py) and stops.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from chunkbus.bus.lifecycle import EXIT_PERMANENT, LAUNCHER_PID, STOP_SIGNALS
 from chunkbus.launch.config import NodeSpec, start_order
+from chunkbus.launch.output import Console
 
-COLOURS = [36, 32, 33, 35, 34, 91, 92, 93, 94, 95, 96]
 READY = re.compile(r"\b\w+ ready\b")  # every node logs "<kind> ready" when it serves
 GRACE = 5.0  # seconds after each of SIGINT and SIGTERM
 
@@ -38,37 +44,27 @@ class Running:
 
 
 class Supervisor:
-    def __init__(self, specs: list[NodeSpec], *, log_args: list[str], colour: bool, ready_timeout: float = 300.0):
+    def __init__(self, specs: list[NodeSpec], *, console: Console | None = None, ready_timeout: float = 300.0):
         self.nodes = [Running(spec) for spec in start_order(specs)]
-        self.log_args = log_args
-        self.colour = colour
+        self.console = console or Console([n.spec.name for n in self.nodes])
         self.ready_timeout = ready_timeout
-        self.width = max((len(n.spec.name) for n in self.nodes), default=0)
         self.stop_event = threading.Event()
         self.failure: str | None = None
-        self.print_lock = threading.Lock()
-
-    # --- output -------------------------------------------------------------------------------
-
-    def say(self, name: str, text: str, colour: int | None = None) -> None:
-        prefix = f"{name:>{self.width}} |"
-        if self.colour and colour is not None:
-            prefix = f"\033[{colour}m{prefix}\033[0m"
-        with self.print_lock:
-            print(f"{prefix} {text}", flush=True)
 
     def announce(self, text: str) -> None:
-        self.say("launch", text, 1)
+        self.console.announce(text)
 
-    def command_line(self, spec: NodeSpec) -> list[str]:
-        return [sys.executable, "-m", "chunkbus.nodes.cli", *self.log_args, spec.command, *spec.args]
+    @staticmethod
+    def command_line(spec: NodeSpec) -> list[str]:
+        # JSON lines: the console renders them, and tells the stats lines apart.
+        return [sys.executable, "-m", "chunkbus.nodes.cli", "--log-json", spec.command, *spec.args]
 
     # --- running --------------------------------------------------------------------------------
 
     def start(self, node: Running) -> None:
         spec = node.spec
         node.ready.clear()
-        env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
         node.process = subprocess.Popen(
             self.command_line(spec),
             stdout=subprocess.PIPE,
@@ -79,16 +75,16 @@ class Supervisor:
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops nodes in order
         )
         node.started = time.monotonic()
-        colour = COLOURS[self.nodes.index(node) % len(COLOURS)]
-        threading.Thread(target=self.relay, args=(node, node.process, colour), daemon=True).start()
+        threading.Thread(target=self.relay, args=(node, node.process), daemon=True).start()
         self.announce(f"started {spec.name} (pid {node.process.pid}): chunkbus {spec.command} {shlex.join(spec.args)}")
 
-    def relay(self, node: Running, process: subprocess.Popen, colour: int) -> None:
+    def relay(self, node: Running, process: subprocess.Popen) -> None:
+        # Reads to the end even when nothing reads the launcher's output: a node whose
+        # output pipe fills up would block in its next log line, control loop and all.
         for line in process.stdout:
-            line = line.rstrip("\n")
-            if not node.ready.is_set() and READY.search(line):
+            event = self.console.node_line(node.spec.name, line.rstrip("\n"))
+            if not node.ready.is_set() and event is not None and READY.search(str(event["event"])):
                 node.ready.set()
-            self.say(node.spec.name, line, colour)
 
     def wait_ready(self, names: list[str]) -> bool:
         deadline = time.monotonic() + self.ready_timeout
@@ -104,7 +100,7 @@ class Supervisor:
         return True
 
     def run(self, duration: float | None = None) -> int:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, lambda *_: self.stop_event.set())
         end = time.monotonic() + duration if duration else None
         selected = {n.spec.name for n in self.nodes}
@@ -153,6 +149,13 @@ class Supervisor:
     def on_exit(self, node: Running, code: int, now: float) -> None:
         spec = node.spec
         how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if code == EXIT_PERMANENT:
+            node.done = True
+            self.failure = (
+                f"{spec.name} cannot run as configured (exit status {code}: its error above is not one a "
+                "restart fixes), so it is not restarted"
+            )
+            return
         wanted = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
         if not wanted:
             node.done = True
@@ -175,23 +178,20 @@ class Supervisor:
     def stop_all(self) -> bool:
         """Stop every node; whether all of them stopped cleanly."""
         running = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
-        if running:
-            self.announce(f"stopping {', '.join(n.spec.name for n in running)}")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            for node in running:
-                if node.process.poll() is None:
-                    try:
-                        os.killpg(node.process.pid, sig)
-                    except ProcessLookupError:
-                        pass
+            if not running:
+                break
+            for node in running:  # signal first, then say so: saying so may fail
+                try:
+                    os.killpg(node.process.pid, sig)
+                except ProcessLookupError:
+                    pass
+            names = ", ".join(n.spec.name for n in running)
+            self.announce(f"stopping {names}" if sig == signal.SIGINT else f"{names} still running: sent {sig.name}")
             deadline = time.monotonic() + GRACE
             while time.monotonic() < deadline and any(n.process.poll() is None for n in running):
                 time.sleep(0.05)
             running = [n for n in running if n.process.poll() is None]
-            if not running:
-                break
-            if sig != signal.SIGKILL:
-                self.announce(f"{', '.join(n.spec.name for n in running)} still running after {sig.name}")
         clean = True
         for node in self.nodes:
             if node.process is not None and not node.done:

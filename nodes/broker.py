@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import signal
 import threading
 import time
 from collections import deque
@@ -24,6 +23,8 @@ import zmq
 
 from chunkbus.bus import mdp
 from chunkbus.bus.codec import encode, message_type
+from chunkbus.bus.endpoints import is_ipv6
+from chunkbus.bus.lifecycle import on_stop_signals
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import ErrorReply, MessageError
 from chunkbus.bus.sockets import Publisher
@@ -120,6 +121,7 @@ class Broker:
         for socket, endpoint in ((self.frontend, config.frontend), (self.backend, config.backend)):
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished peer's reply is dropped
+            socket.setsockopt(zmq.IPV6, is_ipv6(endpoint))  # tcp://[::]:5555 (both stacks), [::1]:5555
             socket.bind(endpoint)
         # Requests and replies as they pass, on broker/request/SERVICE and broker/reply/SERVICE,
         # for `chunkbus tap` (a PUB socket: free when nobody listens, never blocks).
@@ -475,10 +477,9 @@ class Broker:
 
 
 def serve(config: BrokerConfig, metrics_port: int | None = None) -> None:
-    """Run a broker in this process until SIGINT or SIGTERM."""
+    """Run a broker in this process until SIGINT, SIGTERM or SIGHUP."""
     broker = Broker(config)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: broker.stop())
+    on_stop_signals(broker.stop)
     if metrics_port is not None:
         from chunkbus.nodes.metrics import start_metrics_server
 

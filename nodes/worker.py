@@ -10,7 +10,6 @@ together as one batch, up to the capacity announced in READY (--max-batch).
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
@@ -18,6 +17,7 @@ import zmq
 
 from chunkbus.bus import mdp
 from chunkbus.bus.codec import decode, encode
+from chunkbus.bus.lifecycle import on_stop_signals
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import ActionChunk, ErrorReply, MessageError, ObservationRequest
 from chunkbus.nodes.policies import Policy
@@ -223,8 +223,7 @@ class Worker:
 
 
 def serve(policy: Policy, broker: str, service: str, max_batch: int) -> None:
-    """Run a worker in this process until SIGINT or SIGTERM."""
+    """Run a worker in this process until SIGINT, SIGTERM or SIGHUP."""
     worker = Worker(policy, broker, service, max_batch)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: worker.stop())
+    on_stop_signals(worker.stop)
     worker.run()

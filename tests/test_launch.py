@@ -202,3 +202,88 @@ def test_environment_variables_and_defaults(tmp_path, monkeypatch):
     assert spec.args == ["--rate", "25", "--name", "left"] and spec.env == {"SOME": "left-x"}
     monkeypatch.setenv("ARM_RATE", "40")
     assert load(path, chunkbus.commands)[0].args[:2] == ["--rate", "40"]
+
+
+# --- what launch prints -----------------------------------------------------------------------------
+
+SCRIPTED_ROBOT = """
+    nodes:
+      broker:
+        command: broker
+        options: {{frontend: "tcp://127.0.0.1:{frontend}", backend: "tcp://127.0.0.1:{backend}"}}
+      worker:
+        command: worker
+        options: {{broker: "tcp://127.0.0.1:{backend}", policy: "scripted:sine?actions={actions}", service: sine}}
+        after: broker
+      arm: {{command: arm}}
+      actuator:
+        command: actuator
+        options: {{broker: "tcp://127.0.0.1:{frontend}", service: sine}}
+        after: [worker, arm]
+        restart: on-failure
+"""
+
+
+def scripted_robot(tmp_path: Path, actions: int = 6) -> Path:
+    return write(tmp_path, SCRIPTED_ROBOT.format(frontend=free_port(), backend=free_port(), actions=actions))
+
+
+def test_a_node_that_cannot_run_as_configured_is_not_restarted(processes, runtime_dir, tmp_path):
+    launch = processes.start(LAUNCH, str(scripted_robot(tmp_path, actions=7)), script=True)
+    assert launch.wait(timeout=90) == 1
+    output = launch.stdout.read()
+    assert len(re.findall(r"started actuator", output)) == 1, output  # restart: on-failure, yet not restarted
+    assert "the model's actions have 7 values" in output
+    assert "actuator cannot run as configured (exit status 78" in output
+    assert not [pid for pid in pids_started(output) if alive(pid)]
+
+
+def test_the_log_reads_at_a_glance(processes, runtime_dir, tmp_path):
+    launch = processes.start(LAUNCH, str(scripted_robot(tmp_path)), "--duration", "6", script=True)
+    output = launch.stdout.read()
+    assert launch.wait(timeout=60) == 0, output
+    # Rendered from the nodes' JSON: the node, the clock, the level, the event and its fields in order.
+    assert re.search(r"^ +arm \| \d\d:\d\d:\d\d\.\d{3} info    arm ready joints=\[shoulder_pan\.pos, ", output, re.M)
+    stats = re.findall(r"actuator \| \S+ info    stats (.*)$", output, re.M)
+    assert stats, output
+    assert re.fullmatch(
+        r"tick=\d+ commands=\d+ holds=\d+ late_ticks=\d+ lateness_p99_us=\d+ schedule_left=\d+ rtt_p50_ms=\d+ "
+        r"rtt_p95_ms=\d+ chunks_used=\d+ chunks_discarded=\d+ errors=\d+ timeouts=\d+ stale_obs=\d+", stats[-1]
+    ), stats[-1]
+    assert "{" not in output  # no raw JSON
+
+
+def run_on_a_terminal(path: Path, *options: str) -> str:
+    """What `launch` writes to a terminal (a pseudo-terminal), until it exits."""
+    import pty
+
+    leader, follower = pty.openpty()
+    launch = subprocess.Popen([LAUNCH, str(path), "--duration", "6", *options], stdout=follower,
+                              stderr=follower, stdin=subprocess.DEVNULL, start_new_session=True)
+    os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the launcher exited
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+        if launch.poll() is None:
+            launch.kill()
+        launch.wait(timeout=30)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_on_a_terminal_stats_are_status_lines_updated_in_place(runtime_dir, tmp_path):
+    path = scripted_robot(tmp_path)
+    screen = run_on_a_terminal(path)
+    assert "\033[1F\033[J" in screen  # up over the status line, cleared, redrawn
+    assert not re.search(r"info\S* +stats", screen)  # not as log lines
+    assert re.search(r"actuator \|\S* tick=\d+ commands=\d+", screen)
+    verbose = run_on_a_terminal(path, "--verbose")
+    assert re.search(r"info\S* +stats tick=\d+", verbose) and "\033[1F" not in verbose

@@ -1,0 +1,61 @@
+"""How a node process stops: on a signal, when its launcher dies, and with which exit status.
+
+Every node stops the same way on SIGINT, SIGTERM and SIGHUP (a terminal or SSH session
+that went away). A node started by `launch` also stops when the launcher dies, however it
+died (SIGKILL included): on Linux the kernel sends it SIGTERM (the parent-death signal),
+and everywhere a watcher thread notices that its parent changed. An orphaned node that
+has not stopped within ORPHAN_GRACE seconds of that exits anyway: nobody else would stop it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from typing import Callable
+
+# sysexits.h EX_CONFIG: the configuration is wrong (no such policy, a policy that does not
+# fit the arm). Restarting cannot help, so `launch` does not restart a node that exits so.
+EXIT_PERMANENT = 78
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LAUNCHER_PID = "CHUNKBUS_LAUNCHER_PID"  # set by `launch` in each node's environment
+ORPHAN_GRACE = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def on_stop_signals(stop: Callable[[], None]) -> None:
+    """Call `stop` (from the main thread) on SIGINT, SIGTERM or SIGHUP."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: stop())
+
+
+def follow_launcher() -> None:
+    """If `launch` started this process, stop it when the launcher dies.
+
+    Reads (and removes, so that no grandchild inherits it) the launcher's pid from the
+    environment; does nothing for a process started by hand.
+    """
+    value = os.environ.pop(LAUNCHER_PID, None)
+    if not value or not value.isdigit():
+        return
+    launcher = int(value)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watcher below still notices
+    threading.Thread(target=_watch, args=(launcher,), name="chunkbus-launcher-watch", daemon=True).start()
+
+
+def _watch(launcher: int) -> None:
+    # Also closes the race where the launcher died before prctl above ran.
+    stopped = threading.Event()
+    while os.getppid() == launcher:
+        stopped.wait(0.25)
+    os.kill(os.getpid(), signal.SIGTERM)
+    stopped.wait(ORPHAN_GRACE)
+    os._exit(1)
