@@ -39,7 +39,7 @@ def configure_logging(
         shared.append(structlog.processors.format_exc_info)
     else:
         colors = hasattr(stream, "isatty") and stream.isatty()
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        renderer = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)  # fields as logged
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -56,8 +56,26 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings become log lines too (logger py.warnings), once
     return get_logger()
 
 
 def get_logger(**context: Any) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger("chunkbus").bind(**context)
+
+
+class Every:
+    """Says yes at most once every `seconds`: for a message that would otherwise repeat at
+    a loop's rate. The first yes comes at once, or `first_after` seconds after the first ask."""
+
+    def __init__(self, seconds: float, first_after: float = 0.0):
+        self.seconds, self.first_after = seconds, first_after
+        self.last: float | None = None
+
+    def __call__(self, now: float) -> bool:
+        if self.last is None:
+            self.last = now - self.seconds + self.first_after
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True

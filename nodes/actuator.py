@@ -7,12 +7,17 @@ records the observation of tick k (newest frames and state, refused when older t
 --max-obs-age); and asks for a new chunk when the actions left fall to the expected
 delay (the measured round trip, in ticks) plus a margin. At most one request is in
 flight; its replace key is the robot id, so a queued stale one is superseded.
+
+Before the loop starts it fetches the service's model description from the broker and
+checks the cameras, state size and action size against it: a mismatch is one error that
+names the fix, and the node exits (EXIT_PERMANENT) instead of sending the GPU host 30 bad
+requests a second. Whatever goes wrong later (a silent broker, a silent camera) is named
+in a warning at once and then at most every WARN_EVERY seconds, while the arm holds.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import threading
 import time
 from collections import deque
@@ -22,7 +27,8 @@ from functools import partial
 import numpy as np
 
 from chunkbus.bus.client import BrokerClient, BrokerUnavailable, new_request_id
-from chunkbus.bus.log import get_logger
+from chunkbus.bus.lifecycle import on_stop_signals
+from chunkbus.bus.log import Every, get_logger
 from chunkbus.bus.messages import ActionChunk, Command, ErrorReply, Observation, ObservationRequest, Stats
 from chunkbus.bus.sockets import Publisher, Subscriber
 from chunkbus.bus.ticker import Ticker
@@ -36,7 +42,7 @@ class ActuatorConfig:
     robot_id: str = "robot"
     task: str = ""
     fps: float = 30.0
-    strategy: str = "replace"
+    strategy: str = "crossfade"
     crossfade_window: int = 5
     ensemble_m: float = 0.01
     priority: int = 0
@@ -51,11 +57,28 @@ class ActuatorConfig:
     name: str = "actuator"
 
 
+# The once-a-second log line, in this order (the README explains each); the published
+# Stats message has these and more (lateness p50 and max, requests, unreachable).
+STATS_LINE = ("tick", "commands", "holds", "late_ticks", "lateness_p99_us", "schedule_left", "rtt_p50_ms",
+              "rtt_p95_ms", "chunks_used", "chunks_discarded", "errors", "timeouts", "stale_obs")
+WARN_EVERY = 10.0  # seconds between two warnings about the same lasting problem
+FIRST_WARNING = 2.0  # seconds of waiting for the broker or the arm before saying so
+
+
+class SetupError(RuntimeError):
+    """The actuator cannot control this arm with this service; the text names the fix."""
+
+
 class ModelWatch:
-    """Keeps the service's model description fresh, off the control loop (a status query blocks)."""
+    """Keeps the service's model description fresh, off the control loop (a status query blocks).
+
+    `problem` says why there is no description yet: the broker does not answer, or has no
+    worker for the service.
+    """
 
     def __init__(self, broker: str, service: str):
         self.model: dict | None = None
+        self.problem = f"no answer from the broker at {broker} yet"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(broker, service), daemon=True, name="chunkbus-model")
         self._thread.start()
@@ -64,11 +87,17 @@ class ModelWatch:
         with BrokerClient(broker, connect_timeout=1.0) as client:
             while not self._stop.is_set():
                 try:
-                    found = client.status(timeout=1.0)["services"].get(service)
+                    services = client.status(timeout=1.0)["services"]
+                    found = services.get(service)
                     if found and found.get("model"):
                         self.model = found["model"]
+                    else:
+                        others = ", ".join(sorted(set(services) - {service})) or "none"
+                        self.problem = (f"the broker at {broker} has no worker for service {service!r} yet "
+                                        f"(its services: {others}); is the worker starting, and is --service right?")
                 except (TimeoutError, BrokerUnavailable):
-                    pass
+                    self.problem = (f"no answer from the broker at {broker}: is `chunkbus broker` running there, "
+                                    "and is the address right (--broker HOST:PORT)?")
                 self._stop.wait(5.0 if self.model else 0.5)
 
     def stop(self) -> None:
@@ -89,6 +118,9 @@ class Actuator:
         sources = [config.arm] + [config.camera_nodes.get(c, f"camera_{c}") for c in config.cameras]
         topics = ["state"] + [f"camera/{c}" for c in config.cameras]
         self.inputs = Subscriber(sources, topics)
+        # What each input is, for the warning when it falls silent.
+        self.input_names = {topic: f"{'state from the arm' if topic == 'state' else f'frames from {topic}'} at {where}"
+                            for topic, where in zip(topics, self.inputs.endpoints)}
         self.publisher = Publisher(config.name)
         self.client = BrokerClient(config.broker, connect_timeout=0.0)
         self.model = ModelWatch(config.broker, config.service)
@@ -104,6 +136,15 @@ class Actuator:
             ["commands", "holds", "requests", "chunks_used", "chunks_discarded", "errors", "stale_obs",
              "unreachable", "timeouts"], 0)
         self.holding = False
+        self.warn_every: dict[str, Every] = {}  # one rate limit per kind of problem
+        self.paused_until = 0.0  # no requests before this: the last one was refused as bad
+        self.pause = 1.0  # seconds; doubles with each bad request in a row
+        self.loop_start = 0.0
+
+    def warn(self, problem: str, text: str, now: float, error: bool = False, **fields) -> None:
+        """Log `text` now, and again for the same problem at most every WARN_EVERY seconds."""
+        if self.warn_every.setdefault(problem, Every(WARN_EVERY))(now):
+            (self.log.error if error else self.log.warning)(text, **fields)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -111,29 +152,90 @@ class Actuator:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        ticker = Ticker(self.config.fps)
-        next_stats = time.monotonic() + 1.0
-        self.log.info("actuator ready", service=self.config.service, broker=self.config.broker,
-                      fps=self.config.fps, strategy=self.config.strategy)
-        seq = 0
         try:
-            while not self.stop_event.is_set():
-                tick = ticker.wait()
-                now = time.monotonic()
-                self.take_replies(tick, now)
-                if self.command(tick, now, seq):
-                    seq += 1
-                self.observe(tick, now)
-                self.maybe_request(tick, now)
-                if now >= next_stats:
-                    next_stats += 1.0
-                    self.report(tick, ticker)
+            if not self.prepare():
+                return
+            self.loop()
         finally:
             self.model.stop()
             self.client.close()
             self.inputs.close()
             self.publisher.close()
             self.log.info("actuator stopped", **self.counts)
+
+    # --- before the loop ---------------------------------------------------------------------
+
+    def prepare(self) -> bool:
+        """Wait for the model description and the arm's state, and check that they fit.
+
+        Returns False when stopped while waiting; raises SetupError on a mismatch.
+        """
+        start = time.monotonic()
+        while not self.stop_event.wait(0.05):
+            now = time.monotonic()
+            state = self.inputs.latest("state")
+            if self.model.model is not None and state is not None:
+                self.check(self.model.model, state.message)
+                return True
+            if now - start < FIRST_WARNING:
+                continue
+            if self.model.model is None:
+                self.warn("model", f"waiting: {self.model.problem}", now)
+            if state is None:
+                self.warn("state", f"waiting: no {self.input_names['state']}: is `chunkbus arm` running, and is "
+                          "--arm its node name?", now)
+        return False
+
+    def check(self, model: dict, state) -> None:
+        """Raise SetupError naming every way the model and this robot do not fit."""
+        service, arm = self.config.service, self.config.arm
+        inputs = model.get("inputs") or {}
+        problems = []
+        wanted = [key for key, feature in inputs.items() if feature.get("type") == "VISUAL"]
+        given = set(self.config.cameras.values())
+        for key in wanted:
+            if key not in given:
+                sent = ", ".join(f"{name}={feature}" for name, feature in self.config.cameras.items()) or "no camera"
+                problems.append(f"the model needs camera input {key!r}, which no --camera gives (sending: {sent}): "
+                                f"add `--camera NAME={key}` with the camera that shows that view")
+        if wanted and (unused := sorted(given - set(wanted))):
+            self.log.warning("cameras the model does not use are not sent", unused=unused, model_inputs=wanted)
+            self.config.cameras = {name: key for name, key in self.config.cameras.items() if key in wanted}
+        joints = len(state.names)
+        for key, feature in inputs.items():
+            if feature.get("type") == "STATE" and feature.get("shape") and feature["shape"][0] != joints:
+                problems.append(f"the model's {key} has {feature['shape'][0]} values, but the arm {arm!r} publishes "
+                                f"{joints} joints ({', '.join(state.names)}): serve a policy trained on this arm, "
+                                "or point --arm at the arm it was trained on")
+        actions = model.get("action_size")
+        if actions is not None and actions != joints:
+            problems.append(f"the model's actions have {actions} values, but the arm {arm!r} has {joints} joints "
+                            f"({', '.join(state.names)}): serve a policy trained on this arm, or point --arm at the "
+                            "arm it was trained on")
+        if problems:
+            raise SetupError(f"service {service!r} ({model.get('type', 'unknown model')}) does not fit this robot: "
+                             + "; ".join(problems))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        ticker = Ticker(self.config.fps)
+        self.loop_start = time.monotonic()
+        next_stats = self.loop_start + 1.0
+        self.log.info("actuator ready", service=self.config.service, broker=self.config.broker,
+                      fps=self.config.fps, strategy=self.config.strategy)
+        seq = 0
+        while not self.stop_event.is_set():
+            tick = ticker.wait()
+            now = time.monotonic()
+            self.take_replies(tick, now)
+            if self.command(tick, now, seq):
+                seq += 1
+            self.observe(tick, now)
+            self.maybe_request(tick, now)
+            if now >= next_stats:
+                next_stats += 1.0
+                self.report(tick, ticker)
 
     def take_replies(self, tick: int, now: float) -> None:
         while (reply := self.client.receive(0)) is not None:
@@ -145,8 +247,13 @@ class Actuator:
             self.outstanding = None
             if isinstance(message, ErrorReply):
                 self.counts["errors"] += 1
-                self.log.warning("request answered with an error", code=message.code, why=message.message)
+                if message.code == "bad_request":  # it will not fit next time either: ask less often
+                    self.paused_until = now + self.pause
+                    self.pause = min(WARN_EVERY, self.pause * 2)
+                self.warn(f"error:{message.code}", f"request answered with an error: {message.message}", now,
+                          error=message.code == "bad_request", code=message.code)
                 continue
+            self.pause = 1.0
             self.round_trips.append(now - sent)
             self.expected_delay = math.ceil(np.percentile(self.round_trips, 95) * self.config.fps)
             self.accept(message, tick)
@@ -155,10 +262,8 @@ class Actuator:
         actions = chunk.actions
         if self.names and actions.shape[1] != len(self.names):
             self.counts["chunks_discarded"] += 1
-            self.log.error(
-                "chunk ignored: the policy's action size does not match the arm",
-                action_size=actions.shape[1], arm_joints=len(self.names), service=self.config.service,
-            )
+            self.warn("action_size", "chunk ignored: the policy's action size does not match the arm", time.monotonic(),
+                      error=True, action_size=actions.shape[1], arm_joints=len(self.names), service=self.config.service)
             return
         merged = self.merge(self.schedule, actions, chunk.tick, tick)
         if merged is None or merged.remaining(tick) == 0:
@@ -191,10 +296,14 @@ class Actuator:
     def observe(self, tick: int, now: float) -> None:
         state = self.inputs.latest("state")
         frames = {c: self.inputs.latest(f"camera/{c}") for c in self.config.cameras}
-        newest = [state, *frames.values()]
-        if any(r is None or r.age > self.config.max_obs_age for r in newest):
+        newest = {"state": state, **{f"camera/{c}": r for c, r in frames.items()}}
+        missing = [topic for topic, r in newest.items() if r is None or r.age > self.config.max_obs_age]
+        if missing:
             self.counts["stale_obs"] += 1
             self.history.clear()  # a history must be consecutive ticks
+            for topic in missing if now - self.loop_start > FIRST_WARNING else ():  # first frames may be on their way
+                self.warn(topic, f"no {self.input_names[topic]} for over {self.config.max_obs_age:g} s "
+                          "(--max-obs-age): no chunks are asked for until it is back", now)
             return
         self.names = list(state.message.names)
         images = {self.config.cameras[c]: r.message.image for c, r in frames.items()}
@@ -205,8 +314,11 @@ class Actuator:
             if now - self.outstanding[2] < self.config.request_timeout:
                 return
             self.counts["timeouts"] += 1
-            self.log.warning("no answer: asking again", timeout_s=self.config.request_timeout)
+            self.warn("silent", f"no answer from the broker at {self.config.broker} within "
+                      f"{self.config.request_timeout:g} s (--request-timeout): asking again", now)
             self.outstanding = None
+        if now < self.paused_until:
+            return
         left = self.schedule.remaining(tick + 1) if self.schedule is not None else 0
         if left > self.expected_delay + self.config.margin_ticks:
             return
@@ -229,6 +341,8 @@ class Actuator:
             self.client.send(self.config.service, request)
         except BrokerUnavailable:
             self.counts["unreachable"] += 1
+            self.warn("unreachable", f"cannot reach the broker at {self.config.broker}: is it running, and is "
+                      "--broker right? Holding until it is back", now)
             return
         self.outstanding = (request.request_id, tick, now)
         self.counts["requests"] += 1
@@ -250,11 +364,10 @@ class Actuator:
             **{k: float(v) for k, v in self.counts.items()},
         }
         self.publisher.publish(f"{self.config.name}/stats", Stats(self.config.name, time.monotonic(), figures))
-        self.log.info("stats", **{k: round(v, 1) for k, v in figures.items()})
+        self.log.info("stats", **{key: int(round(figures[key])) for key in STATS_LINE})
 
 
 def serve(config: ActuatorConfig) -> None:
     actuator = Actuator(config)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: actuator.stop())
+    on_stop_signals(actuator.stop)
     actuator.run()

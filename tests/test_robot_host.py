@@ -154,6 +154,7 @@ def test_broker_loss_holds_the_last_command_and_resumes(runtime_dir, processes):
     np.testing.assert_array_equal(np.vstack([c.positions for c in resumed]), f([c.tick for c in resumed]))
     processes.wait_log(actuator, "schedule ran dry: holding the last command")
     processes.wait_log(actuator, "chunks arrive again: moving")
+    processes.wait_log(actuator, f"the broker at {broker.frontend}")  # the warning names it
 
 
 def test_a_camera_that_stops_delivering_is_reopened_and_reported(runtime_dir):
@@ -194,3 +195,82 @@ def test_a_camera_that_stops_delivering_is_reopened_and_reported(runtime_dir):
     assert node.failures >= 1 and len(opened) >= 3  # reopened after a failed attempt
     seqs = [r.message.seq for r in seen]
     assert seqs == sorted(seqs)  # the node's own numbering goes on across reopenings
+
+
+# --- the actuator says what is wrong, once ----------------------------------------------------------
+
+
+def test_safety_explains_what_it_clamps():
+    from chunkbus.nodes.arm import SO101_LIMITS, Safety
+
+    safety = Safety(JOINTS, np.array(SO101_LIMITS), max_step=10.0)
+    reference = np.zeros(6)
+    assert safety.explain() == "0 of 0 commands clamped"
+    for _ in range(3):
+        safety.apply(np.array([0, 0, 0, 0, 0, -5.0]), reference)  # the gripper below 0
+    safety.apply(np.array([0, 30.0, 0, 0, 0, 0]), reference)  # one big step of the shoulder
+    safety.apply(np.zeros(6), reference)  # a safe one
+    assert safety.explain() == (
+        "4 of 5 commands clamped: the policy asks for gripper values below its limit (0), "
+        "and for shoulder_lift steps larger than --max-step (10)"
+    )
+
+
+def test_an_arm_that_does_not_fit_the_model_is_one_error_and_no_request(runtime_dir, processes):
+    from chunkbus.bus.client import BrokerClient
+    from chunkbus.bus.lifecycle import EXIT_PERMANENT
+
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, "scripted:sine?actions=7", "--service", "seven")
+    start_node(processes, "arm ready", "arm")
+    actuator = processes.start(CHUNKBUS, "--log-json", "actuator", "--broker", broker.frontend,
+                               "--service", "seven", script=True)
+    assert actuator.wait(timeout=60) == EXIT_PERMANENT
+    time.sleep(0.2)
+    log = "".join(actuator.log_lines)
+    assert log.count("the model's actions have 7 values, but the arm 'arm' has 6 joints") == 1, log
+    assert "serve a policy trained on this arm" in log and "Traceback" not in log
+    with BrokerClient(broker.frontend) as client:
+        outcomes = client.status()["services"]["seven"]["outcomes"]
+    assert sum(outcomes.values()) == 0, f"the actuator sent requests: {outcomes}"
+
+
+def test_a_model_camera_no_camera_option_gives_is_named_with_the_fix(runtime_dir, processes, tmp_path):
+    from tiny_policies import save_tiny_policy
+
+    checkpoint = save_tiny_policy("act", tmp_path / "act")  # cameras front and wrist
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, str(checkpoint))
+    start_node(processes, "arm ready", "arm")
+    result = subprocess.run([CHUNKBUS, "actuator", "--broker", broker.frontend, "--service", "act",
+                             "--camera", "front", "--camera", "top"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 78, result.stderr
+    assert ("the model needs camera input 'observation.images.wrist', which no --camera gives (sending: "
+            "front=observation.images.front, top=observation.images.top): add `--camera NAME=observation.images.wrist`"
+            ) in result.stderr
+    assert result.stderr.count("Error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_silent_broker_and_a_missing_arm_are_named_within_seconds_and_not_repeated(runtime_dir, processes):
+    from test_launch import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    actuator = processes.start(CHUNKBUS, "--log-json", "actuator", "--broker", address, "--service", "sine",
+                               script=True)
+    started = time.monotonic()
+    line = processes.wait_log(actuator, f"no answer from the broker at {address}", timeout=30)
+    assert '"warning"' in line and time.monotonic() - started < 8  # 2 s, plus starting Python
+    processes.wait_log(actuator, "no state from the arm at ipc://")
+    time.sleep(4)
+    log = "".join(actuator.log_lines)
+    assert log.count("no answer from the broker") == 1 and log.count("no state from the arm") == 1, log
+
+
+def test_a_silent_camera_is_named(runtime_dir, processes):
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, "scripted:sine", "--service", "sine")
+    start_node(processes, "arm ready", "arm")
+    actuator = start_node(processes, "actuator ready", "actuator", "--broker", broker.frontend, "--service", "sine",
+                          "--camera", "front")
+    line = processes.wait_log(actuator, "no frames from camera/front at ipc://", timeout=20)
+    assert "camera_front.pub" in line and "--max-obs-age" in line
