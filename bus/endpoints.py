@@ -9,6 +9,7 @@ all publishers by listing the runtime directory. The directory is
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import re
 import socket
@@ -117,3 +118,113 @@ def list_publishers(directory: Path | None = None) -> list[PublisherInfo]:
         node = path.name[: -len(PUB_SUFFIX)]
         found.append(PublisherInfo(node, f"ipc://{path}", is_live(path)))
     return found
+
+
+# --- broker addresses, as people write them ----------------------------------------------
+
+FRONTEND_PORT = 5555  # `chunkbus broker`'s defaults: clients (robots, status, ping) connect
+BACKEND_PORT = 5556  # to the frontend, workers to the backend
+BROKER_ENV = "CHUNKBUS_BROKER"  # the broker's frontend address, for every command
+ADDRESS_FORMS = (
+    "HOST:PORT (e.g. `gpu-host:5555` or `127.0.0.1:5555`), HOST alone (port {port}), "
+    "`[IPv6]:PORT`, `tcp://HOST:PORT` or `ipc://PATH`"
+)
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
+
+
+def broker_address(text: str, default_port: int) -> str:
+    """The zmq endpoint to connect to for a broker address as people write it.
+
+    ``gpu-host:5555`` and ``127.0.0.1:5555`` mean ``tcp://…`` (as LeRobot's
+    ``--server_address=127.0.0.1:8080``); a bare host gets `default_port`; ``[::1]:5555``
+    is an IPv6 address; ``tcp://`` and ``ipc://`` endpoints pass through. Anything else
+    raises EndpointError saying what is wrong and which forms work.
+    """
+
+    def fail(reason: str) -> EndpointError:
+        forms = ADDRESS_FORMS.format(port=default_port)
+        opening = "the broker address is empty" if not text else f"`{text}` is not a broker address: {reason}"
+        return EndpointError(f"{opening}. Write {forms}.")
+
+    if not text:
+        raise fail("")
+    if any(c.isspace() for c in text):
+        raise fail("it contains a space")
+    if text.startswith("ipc://"):
+        if text == "ipc://":
+            raise fail("it has no path after `ipc://`")
+        return text
+    source = ""
+    rest = text
+    if text.startswith("tcp://"):
+        rest = text[len("tcp://") :]
+        source, _, rest = rest.rpartition(";")  # zmq's tcp://SOURCE;HOST:PORT
+        source += ";" if source else ""
+    elif "://" in text:
+        raise fail(f"`{text.split('://')[0]}://` is not a transport the bus speaks")
+    host, port = _host_and_port(rest, default_port, fail)
+    return f"tcp://{source}{host}:{port}"
+
+
+def _host_and_port(text: str, default_port: int, fail) -> tuple[str, int]:
+    if text.startswith("["):  # [IPv6] or [IPv6]:PORT
+        inside, bracket, after = text[1:].partition("]")
+        if not bracket:
+            raise fail("its `[` has no closing `]`")
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            raise fail(f"`{inside}` is not an IPv6 address") from None
+        host, port_text = f"[{inside}]", after
+        if port_text and not port_text.startswith(":"):
+            raise fail(f"`{port_text}` after `]` is not `:PORT`")
+        port_text = port_text[1:] if port_text else None
+    elif text.count(":") > 1:
+        raise fail("an IPv6 address goes in brackets, e.g. `[::1]:5555`")
+    else:
+        host, colon, port_text = text.partition(":")
+        port_text = port_text if colon else None
+        if not host:
+            raise fail("it has no host before the port")
+        if host == "*":
+            raise fail("`*` is for binding (the broker's side); connect to the broker's host name or IP address")
+        if host.isdigit() and port_text is None:
+            raise fail(f"`{host}` is a port without a host (for this host write `127.0.0.1:{host}`)")
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise fail(f"`{host}` is not an IPv4 address") from None
+        elif not _HOST_NAME.fullmatch(host):
+            raise fail(f"`{host}` is not a host name or IP address")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise fail(f"the port `{port_text}` is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def backend_of(frontend: str) -> str:
+    """The backend a worker connects to, from the broker's frontend address (CHUNKBUS_BROKER's).
+
+    The same host, on the port after the frontend's: ``gpu-host`` and ``gpu-host:5555``
+    give ``tcp://gpu-host:5556`` (`chunkbus broker`'s default ports), ``gpu-host:7000``
+    gives ``tcp://gpu-host:7001``. An ipc frontend says nothing about the backend.
+    """
+    endpoint = broker_address(frontend, FRONTEND_PORT)
+    if not endpoint.startswith("tcp://"):
+        raise EndpointError(
+            f"`{frontend}` is an ipc address: a worker cannot tell the broker's backend from it. "
+            "Give the worker the backend with `--broker`."
+        )
+    head, _, port = endpoint.rpartition(":")
+    if int(port) == 65535:
+        raise EndpointError(
+            f"`{frontend}` has port 65535, so no backend port follows it. Give the worker the backend with `--broker`."
+        )
+    return f"{head}:{int(port) + 1}"
+
+
+def is_ipv6(endpoint: str) -> bool:
+    """Whether `endpoint` is a tcp endpoint with an IPv6 address (which zmq must be told to allow)."""
+    return endpoint.startswith("tcp://") and "[" in endpoint

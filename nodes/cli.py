@@ -9,7 +9,14 @@ import click
 import zmq
 
 from chunkbus.bus.endpoints import list_publishers, runtime_dir
+from chunkbus.bus.lifecycle import EXIT_PERMANENT, follow_launcher
 from chunkbus.bus.log import LEVELS, configure_logging
+
+
+class PermanentError(click.ClickException):
+    """A configuration error that no restart fixes: `launch` does not restart the node."""
+
+    exit_code = EXIT_PERMANENT
 
 
 @dataclass
@@ -20,6 +27,51 @@ class LogOptions:
     def start(self, node: str):
         """Configure logging for the node this process runs; returns its logger."""
         return configure_logging(node, self.level, self.json)
+
+
+class BrokerAddress(click.ParamType):
+    """A `--broker` value, as people write it (bus.endpoints.broker_address).
+
+    `side` is the broker socket the command connects to: "frontend" (clients) or
+    "backend" (workers). CHUNKBUS_BROKER always holds the frontend's address; a worker
+    takes its host and the port after its own (backend_of).
+    """
+
+    name = "address"
+
+    def __init__(self, side: str):
+        self.side = side
+
+    def convert(self, value, param, ctx):
+        from click.core import ParameterSource
+
+        from chunkbus.bus.endpoints import (
+            BACKEND_PORT, FRONTEND_PORT, EndpointError, backend_of, broker_address, is_ipv6,
+        )
+
+        from_env = ctx is not None and param is not None and (
+            ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+        )
+        try:
+            if from_env and self.side == "backend":
+                address = backend_of(value)
+            else:
+                address = broker_address(value, FRONTEND_PORT if self.side == "frontend" else BACKEND_PORT)
+        except EndpointError as exc:
+            self.fail(str(exc), param, ctx)
+        if is_ipv6(address):
+            zmq.Context.instance().setsockopt(zmq.IPV6, 1)  # zmq reaches IPv6 addresses only when told
+        return address
+
+
+_FORMS = "HOST:PORT, HOST (port {port}), [IPv6]:PORT, tcp://HOST:PORT or ipc://PATH"
+_CLIENT_BROKER = dict(
+    type=BrokerAddress("frontend"),
+    default="tcp://127.0.0.1:5555",
+    envvar="CHUNKBUS_BROKER",
+    show_envvar=True,
+    help=f"The broker's frontend: {_FORMS.format(port=5555)}.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -40,6 +92,7 @@ class LogOptions:
 @click.pass_context
 def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
     """chunkbus: run a robot's LeRobot policy on remote GPUs over a ZeroMQ bus."""
+    follow_launcher()  # started by `launch`: stop when it dies, however it dies
     ctx.obj = LogOptions(log_level.lower(), log_json)
 
 
@@ -63,7 +116,7 @@ def endpoints(log: LogOptions) -> None:
 @click.option("--max-queue", type=click.IntRange(1), default=64, help="Requests a service may queue; more are rejected.")
 @click.option("--default-ttl", type=click.FloatRange(0), default=None, help="Seconds a request without a ttl may wait.")
 @click.option("--request-timeout", type=click.FloatRange(0), default=60.0, help="Seconds a worker has to answer.")
-@click.option("--heartbeat-interval", type=click.FloatRange(0.01), default=0.5)
+@click.option("--heartbeat-interval", type=click.FloatRange(0.01), default=0.5, help="Seconds between heartbeats to each worker.")
 @click.option("--heartbeat-liveness", type=click.IntRange(1), default=3, help="Heartbeats missed before a worker is dropped.")
 @click.option("--max-attempts", type=click.IntRange(1), default=2, help="Runs of a request whose workers died.")
 @click.option("--name", default="broker", help="Node name: taps find its traffic on its ipc endpoint.")
@@ -84,7 +137,17 @@ def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
 
 
 @main.command()
-@click.option("--broker", "broker_address", default="tcp://127.0.0.1:5556", help="The broker's backend.")
+@click.option(
+    "--broker",
+    "broker_address",
+    type=BrokerAddress("backend"),
+    default="tcp://127.0.0.1:5556",
+    envvar="CHUNKBUS_BROKER",
+    show_envvar=True,
+    help=f"The broker's backend: {_FORMS.format(port=5556)}. Without --broker, CHUNKBUS_BROKER (the "
+    "frontend, as the other commands take it) gives the host, on the port after its own: gpu-host or "
+    "gpu-host:5555 means tcp://gpu-host:5556, gpu-host:7000 means tcp://gpu-host:7001.",
+)
 @click.option("--policy", required=True, help="A LeRobot checkpoint folder or hub id, or scripted:NAME.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1, mps.")
 @click.option("--service", default=None, help="The service name to serve [default: the policy's type].")
@@ -94,7 +157,7 @@ def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
 def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int,
            threads: int | None) -> None:
     """Serve one policy on one device to the broker."""
-    from chunkbus.nodes.policies import load_policy
+    from chunkbus.nodes.policies import PolicyLoadError, load_policy
     from chunkbus.nodes.worker import serve
 
     logger = log.start("worker")
@@ -104,16 +167,16 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
         torch.set_num_threads(threads)
     try:
         loaded = load_policy(policy, device)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise click.ClickException(str(exc))
+    except PolicyLoadError as exc:  # a restart loads the same nothing: exit EXIT_PERMANENT
+        raise PermanentError(str(exc)) from None
     service = service or loaded.describe()["type"]
     logger.info("policy loaded", policy=policy, service=service, device=device)
     serve(loaded, broker_address, service, max_batch)
 
 
 @main.command()
-@click.option("--broker", "broker_address", default="tcp://127.0.0.1:5555", help="The broker's frontend.")
-@click.option("--timeout", type=float, default=3.0)
+@click.option("--broker", "broker_address", **_CLIENT_BROKER)
+@click.option("--timeout", type=float, default=3.0, help="Seconds to wait for the broker's answer.")
 @click.pass_obj
 def status(log: LogOptions, broker_address: str, timeout: float) -> None:
     """Show the broker's services, workers, queues and latencies."""
@@ -124,12 +187,12 @@ def status(log: LogOptions, broker_address: str, timeout: float) -> None:
 
 
 @main.command()
-@click.option("--broker", "broker_address", default="tcp://127.0.0.1:5555", help="The broker's frontend.")
-@click.option("--service", required=True)
+@click.option("--broker", "broker_address", **_CLIENT_BROKER)
+@click.option("--service", default=None, help="The service to ping [default: the broker's only one].")
 @click.option("-n", "count", type=click.IntRange(1), default=10, help="Requests to send.")
 @click.option("--timeout", type=float, default=30.0, help="Seconds to wait for each answer.")
 @click.pass_obj
-def ping(log: LogOptions, broker_address: str, service: str, count: int, timeout: float) -> None:
+def ping(log: LogOptions, broker_address: str, service: str | None, count: int, timeout: float) -> None:
     """Send synthetic observations to a service and report latency and chunk shape."""
     from chunkbus.nodes.diagnose import ping as run_ping
 
@@ -139,15 +202,17 @@ def ping(log: LogOptions, broker_address: str, service: str, count: int, timeout
 
 @main.command()
 @click.option("--name", required=True, help="The camera's name: it publishes on camera/NAME.")
-@click.option("--source", default="synthetic", help="synthetic, a device index or /dev/videoN, or a video file.")
-@click.option("--fps", type=click.FloatRange(min=0.1), default=30.0)
+@click.option("--source", default="synthetic",
+              help="synthetic; an OpenCV camera device: its index or /dev/videoN; an Intel RealSense: "
+                   "realsense:SERIAL_OR_NAME (as `lerobot-find-cameras realsense` lists them); or a video file.")
+@click.option("--fps", type=click.FloatRange(min=0.1), default=30.0, help="Frames published per second.")
 @click.option("--width", type=int, default=None, help="Frame width [default: 640 for synthetic, the device's].")
-@click.option("--height", type=int, default=None)
-@click.option("--fourcc", default=None, help="Device pixel format, e.g. MJPG.")
-@click.option("--encoding", type=click.Choice(["raw", "jpeg"]), default="raw")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90)
+@click.option("--height", type=int, default=None, help="Frame height [default: 480 for synthetic, the device's].")
+@click.option("--fourcc", default=None, help="OpenCV device pixel format, e.g. MJPG.")
+@click.option("--encoding", type=click.Choice(["raw", "jpeg"]), default="raw", help="How frames are published.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, help="JPEG quality (with --encoding jpeg).")
 @click.option("--node", "node_name", default=None, help="Node name [default: camera_NAME].")
-@click.option("--bind", multiple=True, help="Also publish on this endpoint, e.g. tcp://*:6001.")
+@click.option("--bind", multiple=True, help="Also publish on this endpoint, e.g. tcp://*:6001 (repeatable).")
 @click.pass_obj
 def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, jpeg_quality, node_name, bind) -> None:
     """Publish one camera's frames at a fixed rate."""
@@ -165,32 +230,55 @@ def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, 
 
 
 @main.command()
-@click.option("--driver", type=click.Choice(["sim", "so101", "so100", "koch"]), default="sim",
-              help="sim: a simulated SO-101; the others through lerobot's robot classes.")
-@click.option("--port", default=None, help="The motor bus's serial port (lerobot arms), e.g. /dev/ttyACM0.")
-@click.option("--id", "robot_id", default=None, help="The arm's id: names its lerobot calibration file.")
-@click.option("--calibration-dir", default=None, help="Where its calibration is [default: lerobot's].")
+@click.option("--driver", type=click.Choice(["sim", "lerobot", "so101", "so100", "koch"]), default="sim",
+              help="sim: a simulated SO-101. lerobot: any robot lerobot can make (give --robot-type). "
+                   "so101, so100, koch: short for --driver lerobot --robot-type so101_follower (so100_follower, "
+                   "koch_follower), with --port and --id.")
+@click.option("--robot-type", default=None,
+              help="lerobot's robot type, its --robot.type, e.g. so101_follower (with --driver lerobot).")
+@click.option("--robot-option", multiple=True, metavar="KEY=VALUE",
+              help="A field of the robot's lerobot config, its --robot.KEY=VALUE, e.g. port=/dev/ttyACM0 "
+                   "(repeatable). Values are read as YAML, so numbers and true/false work; text fields keep "
+                   "the text as given.")
+@click.option("--robot-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A YAML or JSON file of the robot's lerobot config fields (and `type`); "
+                   "--port, --id, --calibration-dir and --robot-option override it.")
+@click.option("--port", default=None, help="The robot's serial port (its port field), e.g. /dev/ttyACM0.")
+@click.option("--id", "robot_id", default=None, help="The arm's id, which names its lerobot calibration file.")
+@click.option("--calibration-dir", default=None, help="Where its calibration file is [default: lerobot's].")
 @click.option("--name", default="arm", help="Node name; it publishes `state`.")
 @click.option("--rate", type=click.FloatRange(min=1), default=50.0, help="State rate (Hz).")
 @click.option("--hold-after", type=click.FloatRange(min=0), default=0.5, help="Seconds without commands before holding.")
 @click.option("--max-step", type=click.FloatRange(min=0), default=10.0, help="Largest change of a joint per command.")
-@click.option("--commands-from", multiple=True, default=["actuator"], help="Nodes or endpoints publishing `command`.")
+@click.option("--commands-from", multiple=True, default=["actuator"],
+              help="A node or endpoint publishing `command` (repeatable).")
 @click.pass_obj
-def arm(log: LogOptions, driver, port, robot_id, calibration_dir, name, rate, hold_after, max_step,
-        commands_from) -> None:
+def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, robot_id, calibration_dir, name, rate,
+        hold_after, max_step, commands_from) -> None:
     """Own the motor bus: publish state, apply commands through the safety layer."""
-    from chunkbus.nodes.arm import ArmError, LerobotArm, SimArm, serve
+    from chunkbus.nodes.arm import LEROBOT_ARMS, ArmConfigError, ArmError, LerobotArm, SimArm, serve
 
     log.start(name)
     if driver == "sim":
+        if robot_type or robot_option or robot_config:
+            raise click.UsageError("--robot-type, --robot-option and --robot-config need --driver lerobot")
         arm_driver = SimArm()
     else:
-        if not port or not robot_id:
-            raise click.UsageError(f"--driver {driver} needs --port and --id")
+        if driver != "lerobot":
+            if robot_type:
+                raise click.UsageError(f"--driver {driver} is --robot-type {LEROBOT_ARMS[driver]}: give one of them")
+            if not port or not robot_id:
+                raise click.UsageError(f"--driver {driver} needs --port and --id")
+            robot_type = LEROBOT_ARMS[driver]
+        options = {key: value for key, value in [("port", port), ("id", robot_id), ("calibration_dir", calibration_dir)]
+                   if value is not None}
+        options.update(_pairs(robot_option, "--robot-option"))
         try:
-            arm_driver = LerobotArm(driver, port, robot_id, calibration_dir)
-        except ArmError as exc:
-            raise click.ClickException(str(exc))
+            arm_driver = LerobotArm(robot_type, robot_config, options, name=None if driver == "lerobot" else driver)
+        except ArmConfigError as exc:
+            raise PermanentError(str(exc)) from None
+        except ArmError as exc:  # unplugged, or powered off: a restart may find it
+            raise click.ClickException(str(exc)) from None
     serve(arm_driver, name, rate, hold_after, max_step, list(commands_from))
 
 
@@ -205,35 +293,43 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 @main.command()
-@click.option("--broker", "broker_address", default="tcp://127.0.0.1:5555", help="The broker's frontend.")
+@click.option("--broker", "broker_address", **_CLIENT_BROKER)
 @click.option("--service", required=True, help="The policy service to ask for chunks.")
 @click.option("--robot-id", default="robot", help="Names this robot's requests (and their replace key).")
 @click.option("--task", default="", help="The task, for language-conditioned policies.")
 @click.option("--fps", type=click.FloatRange(min=1), default=30.0, help="Control rate (Hz).")
-@click.option("--strategy", type=click.Choice(["replace", "crossfade", "ensemble"]), default="replace")
+@click.option("--strategy", type=click.Choice(["replace", "crossfade", "ensemble"]), default="crossfade",
+              help="How a new chunk takes over from the one running: at once (replace, the jerkiest), blended "
+                   "over --crossfade-window ticks, or ACT's temporal ensembling.")
 @click.option("--crossfade-window", type=click.IntRange(1), default=5, help="Ticks to blend over (crossfade).")
 @click.option("--ensemble-m", type=float, default=0.01, help="Weight decay m of exp(-m*i) (ensemble).")
-@click.option("--priority", type=int, default=0)
+@click.option("--priority", type=int, default=0, help="This robot's requests go before those of lower priority.")
 @click.option("--ttl", type=click.FloatRange(min=0), default=0.5, help="Seconds a request may wait in the broker.")
-@click.option("--camera", "cameras", multiple=True, help="A camera to send: NAME, or NAME=FEATURE_KEY.")
-@click.option("--camera-node", multiple=True, help="Where camera NAME publishes: NAME=NODE_OR_ENDPOINT.")
+@click.option("--camera", "cameras", multiple=True,
+              help="A camera to send (repeatable): NAME, as the policy's observation.images.NAME, or NAME=FEATURE_KEY.")
+@click.option("--camera-node", multiple=True,
+              help="Where camera NAME publishes, if not node camera_NAME (repeatable): NAME=NODE_OR_ENDPOINT.")
 @click.option("--arm", "arm_node", default="arm", help="The arm node, or its endpoint.")
 @click.option("--max-obs-age", type=click.FloatRange(min=0), default=0.25, help="Refuse older frames/state (s).")
 @click.option("--n-obs-steps", type=click.IntRange(1), default=None, help="History length [default: the model's].")
-@click.option("--request-timeout", type=click.FloatRange(min=0.01), default=2.0)
+@click.option("--request-timeout", type=click.FloatRange(min=0.01), default=2.0,
+              help="Seconds to wait for a chunk before asking again.")
 @click.option("--name", default="actuator", help="Node name; it publishes `command`.")
 @click.pass_obj
 def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **options) -> None:
     """Run the control loop: request chunks, stitch them, command the arm every tick."""
-    from chunkbus.nodes.actuator import ActuatorConfig, serve
+    from chunkbus.nodes.actuator import ActuatorConfig, SetupError, serve
 
     log.start(options["name"])
     camera_map = {}
     for value in cameras:
         name, _, feature = value.partition("=")
         camera_map[name] = feature or f"observation.images.{name}"
-    serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
-                         camera_nodes=_pairs(camera_node, "--camera-node"), **options))
+    try:
+        serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
+                             camera_nodes=_pairs(camera_node, "--camera-node"), **options))
+    except SetupError as exc:
+        raise PermanentError(str(exc)) from None
 
 
 @main.group()
@@ -250,8 +346,10 @@ def _tap_errors(function, *args):
         raise click.ClickException(str(exc))
 
 
-_connect = click.option("--connect", multiple=True, help="Also listen to this endpoint (tcp://HOST:PORT or a node).")
-_topic = click.option("--topic", "topics", multiple=True, help="Only topics matching this pattern (e.g. 'camera/*').")
+_connect = click.option("--connect", multiple=True,
+                        help="Also listen to this endpoint: tcp://HOST:PORT, or a node's name (repeatable).")
+_topic = click.option("--topic", "topics", multiple=True,
+                      help="Only topics matching this pattern, e.g. 'camera/*' (repeatable).")
 _duration = click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
 
 
@@ -262,12 +360,12 @@ _duration = click.option("--duration", type=click.FloatRange(min=0), default=Non
 @_duration
 @click.pass_obj
 def tap_record(log: LogOptions, output, connect, topics, duration) -> None:
-    """Record every publisher on this host (and --connect ones) into OUTPUT.mcap."""
-    from chunkbus.nodes.tap import progress_line, record
+    """Record every publisher on this host (and --connect ones) into OUTPUT.mcap, zstd-compressed."""
+    from chunkbus.nodes.tap import record, summary_text
 
     log.start("tap")
-    figures = _tap_errors(record, output, list(connect), list(topics), duration)
-    click.echo(progress_line(figures) or "nothing recorded")
+    recording = _tap_errors(record, output, list(connect), list(topics), duration)
+    click.echo(summary_text(recording))
 
 
 @tap.command("echo")
@@ -301,7 +399,7 @@ def tap_stats(log: LogOptions, connect, topics, duration) -> None:
 @click.option("--rate", type=click.FloatRange(min=0.01), default=1.0, help="Speed: 2 is twice as fast.")
 @_topic
 @click.option("--node", default="replay", help="Publish as this node.")
-@click.option("--bind", multiple=True, help="Also publish on this endpoint.")
+@click.option("--bind", multiple=True, help="Also publish on this endpoint, e.g. tcp://*:6001 (repeatable).")
 @click.pass_obj
 def tap_replay(log: LogOptions, recording, rate, topics, node, bind) -> None:
     """Republish a recording's messages with their original timing."""

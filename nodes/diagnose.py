@@ -76,9 +76,27 @@ def synthetic_request(model: dict[str, Any], robot_id: str, tick: int) -> Observ
     )
 
 
-def ping(broker: str, service: str, count: int, timeout: float) -> None:
+def pick_service(broker: str, known: dict[str, Any]) -> str:
+    """The broker's only service; a ClickException naming them when there are none or several."""
+    if len(known) == 1:
+        return next(iter(known))
+    if not known:
+        raise click.ClickException(
+            f"The broker at {broker} has no services yet: start a worker (`chunkbus worker --policy ...`), "
+            "then ping again."
+        )
+    raise click.ClickException(
+        f"The broker at {broker} has {len(known)} services ({', '.join(sorted(known))}): "
+        "pass `--service NAME` to say which to ping."
+    )
+
+
+def ping(broker: str, service: str | None, count: int, timeout: float) -> None:
+    """Ping `service`, or the broker's only service when `service` is None."""
     status = query_status(broker, min(timeout, 5.0))
     known = status["services"]
+    if service is None:
+        service = pick_service(broker, known)
     if service not in known:
         names = ", ".join(sorted(known)) or "none"
         raise click.ClickException(

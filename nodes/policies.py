@@ -106,13 +106,25 @@ class ScriptedPolicy:
         return BatchResult(results, {"inference": time.perf_counter() - start})
 
 
+class PolicyLoadError(RuntimeError):
+    """The policy cannot be loaded as configured (no such folder, not a checkpoint, a hub id
+    that cannot be fetched, a missing lerobot extra): trying again cannot help. One line."""
+
+
 def load_policy(spec: str, device: str = "cpu") -> Policy:
+    """The policy `spec` names; PolicyLoadError when the configuration is what is wrong."""
     if spec.startswith("scripted:"):
-        return ScriptedPolicy(spec)
+        try:
+            return ScriptedPolicy(spec)
+        except ValueError as exc:
+            raise PolicyLoadError(str(exc)) from exc
     from chunkbus.nodes.lerobot_policy import LerobotPolicy
 
     if spec.startswith("demo:"):
         from chunkbus.nodes.demo_policy import demo_checkpoint
 
-        spec = demo_checkpoint(spec.removeprefix("demo:"))
+        try:
+            spec = demo_checkpoint(spec.removeprefix("demo:"))
+        except ValueError as exc:
+            raise PolicyLoadError(str(exc)) from exc
     return LerobotPolicy(spec, device)

@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import click
+
 from chunkbus.bus.log import configure_logging, get_logger
 from chunkbus.bus.sockets import Publisher
 
@@ -72,4 +74,40 @@ def test_every_line_carries_the_node_name_from_any_thread_or_library():
         assert all(line["node"] == "arm" for line in lines)
         assert lines[0]["joint"] == 3 and lines[1]["level"] == "warning"
     finally:
+        logging.getLogger().handlers.clear()
+
+
+def _options(command: click.Command, path: str):
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            yield f"{path} {param.opts[-1]}", param
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _options(sub, f"{path} {name}")
+
+
+def test_every_option_says_what_it_is_for_and_repeatable_ones_say_so():
+    from chunkbus.nodes.cli import main
+
+    missing = [where for where, option in _options(main, "chunkbus") if not (option.help or "").strip()]
+    assert not missing, f"options without help text: {missing}"
+    unsaid = [where for where, option in _options(main, "chunkbus")
+              if option.multiple and "repeatable" not in option.help]
+    assert not unsaid, f"repeatable options whose help does not say so: {unsaid}"
+
+
+def test_python_warnings_become_log_lines_naming_the_node_once():
+    import warnings
+
+    logging.captureWarnings(False)  # pytest swapped warnings.showwarning since an earlier test captured it
+    stream = io.StringIO()
+    configure_logging("worker", level="info", json=True, stream=stream)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("torch says something", UserWarning)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert len(lines) == 1 and "torch says something" in lines[0]["event"]
+        assert lines[0]["node"] == "worker" and lines[0]["level"] == "warning"
+    finally:
+        logging.captureWarnings(False)
         logging.getLogger().handlers.clear()

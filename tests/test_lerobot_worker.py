@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
+import socket
 import subprocess
 import time
 
@@ -11,6 +15,7 @@ import torch
 
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient
+from chunkbus.bus.lifecycle import EXIT_PERMANENT
 from chunkbus.nodes.lerobot_policy import LerobotPolicy, letterbox
 from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
 from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
@@ -113,17 +118,90 @@ def test_letterbox_keeps_the_aspect_ratio():
     assert (boxed[:12] == 0).all() and (boxed[84:] == 0).all()
 
 
-def test_worker_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = subprocess.run(
-        [CHUNKBUS, "worker", "--policy", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
+def worker_fails(policy: str, *options: str, env: dict | None = None, timeout: float = 120):
+    """Run a worker that should not get as far as the broker; its result and seconds taken."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    start = time.monotonic()
+    result = subprocess.run([CHUNKBUS, "worker", "--broker", "127.0.0.1:9", "--policy", policy, *options],
+                            capture_output=True, text=True, timeout=timeout, env=environment)
+    return result, time.monotonic() - start
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `Error:` line a configuration error gives: exit status EXIT_PERMANENT, no traceback."""
+    assert result.returncode == EXIT_PERMANENT, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].count("`") % 2 == 0 and errors[0].endswith("."), errors[0]
+    return errors[0]
+
+
+def test_a_worker_that_cannot_load_its_policy_exits_permanently_with_one_line(tmp_path, checkpoints):
+    # No such folder.
+    missing = tmp_path / "nothing"
+    assert f"There is no checkpoint folder `{missing}`" in error_line(worker_fails(str(missing))[0])
+    # A folder that is not a LeRobot checkpoint.
+    assert "Cannot read a LeRobot policy config from" in error_line(worker_fails(str(tmp_path))[0])
+    (tmp_path / "config.json").write_text('{"type": "no_such_policy"}')
+    line = error_line(worker_fails(str(tmp_path))[0])
+    assert "is a `no_such_policy` policy, a type this lerobot does not know" in line
+    # A checkpoint missing its weights.
+    broken = tmp_path / "no_weights"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoints["act"] / "config.json").read_text())
+    assert "model.safetensors" in error_line(worker_fails(str(broken))[0])
+    # Not a policy / not a device.
+    assert "unknown scripted policy 'zigzag'" in worker_fails("scripted:zigzag")[0].stderr
+    assert worker_fails("scripted:zigzag")[0].returncode == EXIT_PERMANENT
+    assert "`gpu` is not a torch device" in error_line(worker_fails(str(checkpoints["act"]), "--device", "gpu")[0])
+    assert "cuda:99" in error_line(worker_fails(str(checkpoints["act"]), "--device", "cuda:99")[0])
+
+
+def test_an_uncached_hub_id_fails_in_seconds_offline_saying_to_download_it(tmp_path):
+    result, seconds = worker_fails("chunkbus-tests/no-such-model", env={"HF_HOME": str(tmp_path / "hf")})
+    line = error_line(result)
+    assert "Cannot fetch `chunkbus-tests/no-such-model` from the Hugging Face Hub" in line
+    assert "HF_HUB_OFFLINE is set" in line and "`hf download chunkbus-tests/no-such-model`" in line
+    assert "pass a local checkpoint folder" in line and "unset HF_HUB_OFFLINE" in line
+    assert seconds < 20
+
+
+def test_an_unreachable_hub_fails_in_seconds_saying_to_download_it(tmp_path):
+    # No network, as a refused local port: fails at once, not after huggingface_hub's retries.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+    result, seconds = worker_fails("chunkbus-tests/no-such-model", env=env)
+    line = error_line(result)
+    assert f"{endpoint} cannot be reached" in line and "`hf download chunkbus-tests/no-such-model`" in line
+    assert seconds < 20
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="lerobot[pi] is installed")
+def test_a_policy_whose_lerobot_extra_is_missing_exits_permanently(tmp_path):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies import make_policy_config
+
+    config = make_policy_config(
+        "pi0", input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (6,))}, device="cpu",
     )
-    assert result.returncode == 1
-    assert f"no checkpoint folder {str(tmp_path / 'nothing')!r}" in result.stderr
-    result = subprocess.run(
-        [CHUNKBUS, "worker", "--policy", str(tmp_path)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 1 and "cannot read a LeRobot policy config" in result.stderr
-    result = subprocess.run(
-        [CHUNKBUS, "worker", "--policy", "scripted:zigzag"], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 1 and "unknown scripted policy 'zigzag'" in result.stderr
+    config._save_pretrained(tmp_path)
+    line = error_line(worker_fails(str(tmp_path))[0])
+    assert "The `pi0` policy needs a library that is not installed" in line and "lerobot[pi]" in line
+
+
+def test_lerobot_prints_while_loading_become_one_structured_line(checkpoints, processes):
+    worker = processes.start(CHUNKBUS, "worker", "--broker", "127.0.0.1:9", "--policy", str(checkpoints["act"]),
+                             script=True, env={"HF_HUB_OFFLINE": "1"})
+    processes.wait_log(worker, "worker ready", timeout=120)
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.wait(timeout=30)
+    time.sleep(0.2)  # the reader thread's last lines
+    stdout = worker.stdout.read()
+    assert "Loading weights" not in stdout, stdout
+    loading = [line for line in worker.log_lines if "Loading weights from local directory" in line]
+    assert len(loading) == 1, "".join(worker.log_lines)
+    assert "[info" in loading[0] and "component=lerobot" in loading[0] and "node=worker" in loading[0]
