@@ -1,14 +1,14 @@
 """`chunkbus camera`: publishes one camera's frames on `camera/<name>` at a fixed rate.
 
-Sources: a camera device through lerobot's OpenCVCamera (index or path), a video file
-(looped), or `synthetic`: a moving pattern with its sequence number drawn in and also
-written into the first pixels, so that tests and tools can check what arrived. Frames
+Sources: a camera device through lerobot's OpenCVCamera (index or path), an Intel
+RealSense through lerobot's RealSenseCamera (`realsense:SERIAL_OR_NAME`, colour only), a
+video file (looped), or `synthetic`: a moving pattern with its sequence number drawn in and
+also written into the first pixels, so that tests and tools can check what arrived. Frames
 are RGB, published raw or JPEG. A source that stops delivering is reopened with backoff.
 """
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from chunkbus.bus.lifecycle import on_stop_signals
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import CameraFrame, JpegImage
 from chunkbus.bus.sockets import Publisher
@@ -86,26 +87,20 @@ class VideoSource:
         self.capture.release()
 
 
-class DeviceSource:
-    """A camera device, opened and read by lerobot's OpenCVCamera (frames come as RGB)."""
+class LerobotCameraSource:
+    """A camera opened and read by one of lerobot's camera classes (frames come as RGB)."""
 
-    def __init__(self, device: str, width: int | None, height: int | None, fps: float | None, fourcc: str | None):
-        from lerobot.cameras.opencv import OpenCVCamera, OpenCVCameraConfig
+    kind = "camera"
 
-        index_or_path: int | Path = int(device) if device.isdigit() else Path(device)
-        self.device = device
-        config = OpenCVCameraConfig(index_or_path=index_or_path, fps=fps, width=width, height=height, fourcc=fourcc)
-        self.camera = OpenCVCamera(config)
+    def connect(self, camera, device: str, hint: str) -> None:
+        self.camera, self.device = camera, device
         try:
             self.camera.connect()
         except Exception as exc:
-            raise CameraError(
-                f"cannot open camera device {device!r}: {exc} Check that it is plugged in and that "
-                "no other program holds it."
-            ) from exc
+            raise CameraError(f"cannot open {self.kind} {device!r}: {exc} {hint}") from exc
 
     def describe(self) -> str:
-        return f"camera device {self.device}"
+        return f"{self.kind} {self.device}"
 
     def read(self) -> np.ndarray:
         return self.camera.async_read(timeout_ms=1000)
@@ -117,9 +112,52 @@ class DeviceSource:
             pass
 
 
+class DeviceSource(LerobotCameraSource):
+    """A camera device (an index or /dev/videoN), through lerobot's OpenCVCamera."""
+
+    kind = "camera device"
+
+    def __init__(self, device: str, width: int | None, height: int | None, fps: float | None, fourcc: str | None):
+        from lerobot.cameras.opencv import OpenCVCamera, OpenCVCameraConfig
+
+        index_or_path: int | Path = int(device) if device.isdigit() else Path(device)
+        config = OpenCVCameraConfig(index_or_path=index_or_path, fps=fps, width=width, height=height, fourcc=fourcc)
+        self.connect(OpenCVCamera(config), device, "Check that it is plugged in and that no other program holds it.")
+
+
+class RealSenseSource(LerobotCameraSource):
+    """An Intel RealSense camera's colour stream, through lerobot's RealSenseCamera."""
+
+    kind = "RealSense camera"
+
+    def __init__(self, serial_or_name: str, width: int | None, height: int | None, fps: float | None):
+        if not serial_or_name:
+            raise CameraError("give the RealSense camera's serial number or name, realsense:SERIAL_OR_NAME: "
+                              "`lerobot-find-cameras realsense` lists them")
+        if (width is None) != (height is None):
+            raise CameraError("a RealSense camera needs both --width and --height, or neither for its default mode")
+        try:
+            from lerobot.cameras.realsense import RealSenseCamera, RealSenseCameraConfig
+
+            config = RealSenseCameraConfig(serial_number_or_name=serial_or_name, width=width, height=height,
+                                           fps=round(fps) if width and fps else None)
+            camera = RealSenseCamera(config)  # looks a name up, which needs pyrealsense2
+        except ImportError:
+            raise CameraError("RealSense cameras need pyrealsense2, which is not installed: `pip install pyrealsense2` "
+                              "(or lerobot's extra: `pip install 'lerobot[intelrealsense]'`)") from None
+        except ValueError as exc:  # no camera, or several, of that name
+            raise CameraError(f"{exc} (`lerobot-find-cameras realsense` lists them)") from None
+        self.connect(camera, serial_or_name,
+                     "Check that it is plugged in (USB 3) and that no other program holds it.")
+
+
 def open_source(source: str, width: int | None, height: int | None, fps: float, fourcc: str | None):
     if source == "synthetic":
         return SyntheticSource(width or 640, height or 480)
+    if source.startswith("realsense:"):
+        if fourcc:
+            raise CameraError("--fourcc is for OpenCV camera devices, not RealSense cameras")
+        return RealSenseSource(source.removeprefix("realsense:"), width, height, fps)
     if source.isdigit() or source.startswith("/dev/"):
         return DeviceSource(source, width, height, fps, fourcc)
     return VideoSource(source)
@@ -180,6 +218,5 @@ class CameraNode:
 
 
 def serve(node: CameraNode) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: node.stop())
+    on_stop_signals(node.stop)
     node.run()
