@@ -6,7 +6,8 @@ packed as a msgpack array of byte strings (message encoding FRAMES_ENCODING), an
 receive time as log_time (nanoseconds, wall clock). Replay republishes those frames
 unchanged, so a replayed message is byte-identical to the recorded one.
 
-The recorder flushes completed chunks to the file every second, so a recorder that is
+Chunks are zstd-compressed (MCAP chunk compression, which any MCAP reader undoes). The
+recorder flushes completed chunks to the file every second, so a recorder that is
 killed leaves a file whose complete chunks `tap info` still reads; a recorder that
 stops normally also writes MCAP's summary and index.
 """
@@ -14,7 +15,6 @@ stops normally also writes MCAP's summary and index.
 from __future__ import annotations
 
 import fnmatch
-import signal
 import sys
 import threading
 import time
@@ -27,13 +27,17 @@ import numpy as np
 import zmq
 
 from chunkbus.bus.codec import decode
-from chunkbus.bus.endpoints import list_publishers, resolve
+from chunkbus.bus.endpoints import list_publishers, resolve, runtime_dir
+from chunkbus.bus.lifecycle import on_stop_signals
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import JpegImage, MessageError
 from chunkbus.bus.sockets import Publisher
 
 FRAMES_ENCODING = "chunkbus-frames-msgpack"
 PROFILE = "chunkbus"
+# How long a tap without --connect waits for a first publisher on this host: long enough for
+# a tap started just before the nodes, short enough that a tap started alone says so soon.
+PUBLISHER_WAIT_S = 3.0
 
 
 class TapError(RuntimeError):
@@ -61,16 +65,43 @@ def matches(topic: str, patterns: list[str]) -> bool:
 class Listener:
     """A SUB socket on every publisher of this host (found again each second) and `extra` endpoints."""
 
-    def __init__(self, extra: list[str], own: str | None = None, rcvhwm: int = 100_000):
+    def __init__(self, extra: list[str], own: str | None = None, rcvhwm: int = 100_000,
+                 wait: float = PUBLISHER_WAIT_S):
         self.socket = zmq.Context.instance().socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.own = own
         self.connected: set[str] = set()
-        for endpoint in extra:
-            self.connect(resolve(endpoint))
-        self.discover()
+        try:
+            for endpoint in extra:
+                self.connect(resolve(endpoint))
+            self.discover()
+            if not self.connected:
+                self.wait_for_publishers(wait)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_for_publishers(self, wait: float) -> None:
+        """Wait up to `wait` seconds for a live publisher on this host; fail saying where it looked."""
+        get_logger().info("waiting for publishers", directory=str(runtime_dir()), seconds=wait)
+        deadline = time.monotonic() + wait
+        while not self.connected:
+            if time.monotonic() >= deadline:
+                raise TapError(self.no_publishers(wait))
+            time.sleep(0.1)
+            self.discover()
+
+    def no_publishers(self, wait: float) -> str:
+        where = f"{runtime_dir()} (the runtime directory; set CHUNKBUS_RUNTIME_DIR to look elsewhere)"
+        stale = [info.node for info in list_publishers() if not info.live and info.node != self.own]
+        if stale:
+            found = (f"no running publishers found in {where} within {wait:g} s, only the socket files "
+                     f"of nodes that are gone ({', '.join(stale)}),")
+        else:
+            found = f"no publishers found in {where} within {wait:g} s"
+        return f"{found} and no --connect endpoint given: is a node running on this host?"
 
     def connect(self, endpoint: str) -> None:
         if endpoint not in self.connected:
@@ -110,27 +141,54 @@ class TopicFigures:
 
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    on_stop_signals(stop.set)
     return stop
 
 
 # --- record -------------------------------------------------------------------------------------------
 
 
-def record(path: str, connect: list[str], topics: list[str], duration: float | None) -> dict[str, TopicFigures]:
+@dataclass
+class Recording:
+    """What a recorder has done so far: the messages it took in and the bytes it wrote."""
+
+    path: str
+    topics: dict[str, TopicFigures]
+    seconds: float = 0.0
+    written: int = 0  # bytes in the file
+    packed: int = 0  # message bytes in the chunks written so far: what `written` holds, uncompressed
+
+    @property
+    def messages(self) -> int:
+        return sum(f.messages for f in self.topics.values())
+
+    @property
+    def received(self) -> int:
+        return sum(f.bytes for f in self.topics.values())
+
+
+def recording_path(path: str) -> str:
+    return path if path.lower().endswith(".mcap") else path + ".mcap"
+
+
+def record(path: str, connect: list[str], topics: list[str], duration: float | None) -> Recording:
+    """Record into `path` (".mcap" added when it lacks it) until `duration` or a signal."""
     from mcap.writer import CompressionType, Writer
 
     log = get_logger()
     stop = _stop_on_signals()
+    listener = Listener(connect)  # first: a tap that finds nothing to record leaves no file
+    if recording_path(path) != path:
+        path = recording_path(path)
+        print(f"recording into {path}: MCAP recordings end in .mcap", file=sys.stderr, flush=True)
     output = open(path, "wb")
-    writer = Writer(output, chunk_size=512 * 1024, compression=CompressionType.NONE)
+    writer = Writer(output, chunk_size=512 * 1024, compression=CompressionType.ZSTD)
     writer.start(profile=PROFILE, library="chunkbus")
     channels: dict[str, int] = {}
-    figures: dict[str, TopicFigures] = defaultdict(TopicFigures)
-    listener = Listener(connect)
-    until = time.monotonic() + duration if duration else None
-    next_report = time.monotonic() + 1.0
+    recording = Recording(path, defaultdict(TopicFigures), written=output.tell())
+    start = time.monotonic()
+    until = start + duration if duration else None
+    next_report = start + 1.0
     try:
         for topic, frames, receive_ns in listener.messages(stop, until):
             if not matches(topic, topics):
@@ -138,24 +196,63 @@ def record(path: str, connect: list[str], topics: list[str], duration: float | N
             if topic not in channels:
                 channels[topic] = writer.register_channel(topic, FRAMES_ENCODING, 0, {"protocol": "chunkbus/1"})
             data = pack_frames(frames)
-            figure = figures[topic]
+            figure = recording.topics[topic]
             writer.add_message(channels[topic], receive_ns, data, receive_ns, figure.messages)
             figure.messages += 1
             figure.bytes += len(data)
+            if output.tell() != recording.written:  # the writer just wrote a chunk, this message included
+                recording.written, recording.packed = output.tell(), recording.received
             if time.monotonic() >= next_report:
                 next_report += 1.0
                 output.flush()  # completed chunks reach the file: a killed recorder keeps them
-                print(progress_line(figures), file=sys.stderr, flush=True)
+                recording.seconds = time.monotonic() - start
+                print(progress_line(recording), file=sys.stderr, flush=True)
     finally:
         writer.finish()
+        recording.written, recording.packed = output.tell(), recording.received
+        recording.seconds = time.monotonic() - start
         output.close()
         listener.close()
-    log.info("recording finished", file=path, topics=len(figures), messages=sum(f.messages for f in figures.values()))
-    return figures
+    log.info("recording finished", file=path, topics=len(recording.topics), messages=recording.messages,
+             bytes=recording.written)
+    return recording
 
 
-def progress_line(figures: dict[str, TopicFigures]) -> str:
-    return "  ".join(f"{t}: {f.messages} msgs {f.bytes / 1e6:.1f} MB" for t, f in sorted(figures.items()))
+def size_text(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _written(recording: Recording) -> str:
+    """E.g. "4.7 MB written (1.2 MB/s, compressed to 38%)"."""
+    rate = size_text(recording.written / recording.seconds) + "/s" if recording.seconds else "-"
+    percent = 100 * recording.written / recording.packed if recording.packed else None
+    ratio = f", compressed to {percent:.{0 if percent >= 10 else 1}f}%" if percent is not None else ""
+    return f"{size_text(recording.written)} written ({rate}{ratio})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def progress_line(recording: Recording) -> str:
+    received = f"{_count(recording.messages, 'message')}, {size_text(recording.received)} received"
+    if not recording.packed:
+        return f"recording into {recording.path}: {received}, nothing written yet (the first chunk is filling)"
+    return f"recording into {recording.path}: {received}, {_written(recording)}"
+
+
+def summary_text(recording: Recording) -> str:
+    if not recording.messages:
+        return f"recorded no messages into {recording.path} in {recording.seconds:.1f} s"
+    lines = [f"recorded {_count(recording.messages, 'message')} ({size_text(recording.received)}) on "
+             f"{_count(len(recording.topics), 'topic')} in {recording.seconds:.1f} s into {recording.path}: "
+             f"{_written(recording)}"]
+    for topic, figure in sorted(recording.topics.items()):
+        lines.append(f"  {topic}: {_count(figure.messages, 'message')}, {size_text(figure.bytes)}")
+    return "\n".join(lines)
 
 
 # --- reading recordings ------------------------------------------------------------------------------

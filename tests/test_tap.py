@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 from collections import defaultdict
@@ -12,8 +14,10 @@ import pytest
 import zmq
 from mcap.reader import make_reader
 
-from chunkbus.bus import decode
+from chunkbus.bus import ArmState, decode
+from chunkbus.bus.sockets import Publisher
 from chunkbus.nodes.tap import FRAMES_ENCODING, info, read_recording, unpack_frames
+from helpers.publish import image_for, state_for
 from mdp_peers import CHUNKBUS, start_broker, start_worker
 
 
@@ -123,3 +127,97 @@ def test_echo_and_stats_show_live_traffic(running_system):
     assert result.returncode == 0
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line and not line.startswith("topic")}
     assert float(rows["camera/front"][1]) == pytest.approx(20, rel=0.3)
+
+
+@pytest.fixture
+def publisher(processes):
+    """One node publishing `state` and raw `camera/front` frames at 100 Hz (helpers/publish.py)."""
+    process = processes.helper("publish.py", "pub", "--rate", "100")
+    processes.first_line_json(process)
+    return process
+
+
+def test_a_recording_is_zstd_compressed_and_reads_back_byte_for_byte(publisher, processes, tmp_path):
+    out = tmp_path / "run.mcap"
+    recorder = processes.start(CHUNKBUS, "tap", "record", str(out), "--duration", "2", script=True)
+    assert recorder.wait(timeout=60) == 0, "".join(recorder.log_lines)
+    with open(out, "rb") as f:
+        reader = make_reader(f)
+        chunks = reader.get_summary().chunk_indexes
+        assert chunks and {c.compression for c in chunks} == {"zstd"}
+        assert sum(c.compressed_size for c in chunks) < sum(c.uncompressed_size for c in chunks) / 2
+        theirs = [(c.topic, m.log_time, unpack_frames(m.data)) for _, c, m in reader.iter_messages()]
+    ours = list(read_recording(str(out)))  # the tap's own reader: replay and info use it
+    assert ours == theirs and len(ours) > 100
+    for topic, _, frames in ours:
+        message = decode(frames)
+        if topic == "state":
+            assert (message.positions == state_for(message.seq)).all()
+        else:
+            assert (message.image == image_for(message.seq)).all()
+    summary = info(str(out))
+    assert summary["messages"] == len(ours) and set(summary["topics"]) == {"state", "camera/front"}
+
+
+def test_record_says_how_fast_it_writes_and_how_well_it_compresses(publisher, processes, tmp_path):
+    out = tmp_path / "run.mcap"
+    recorder = processes.start(CHUNKBUS, "tap", "record", str(out), "--duration", "2.5", script=True)
+    assert recorder.wait(timeout=60) == 0, "".join(recorder.log_lines)
+    written = r"(\d+(\.\d)?) (kB|MB) written \((\d+\.\d) (kB|MB)/s, compressed to (\d+(?:\.\d)?)%\)"
+    final = recorder.stdout.readline()
+    match = re.search(rf"recorded (\d+) messages .* into {re.escape(str(out))}: {written}", final)
+    assert match, final
+    size = float(match[2]) * {"kB": 1e3, "MB": 1e6}[match[4]]
+    assert size == pytest.approx(out.stat().st_size, rel=0.05)
+    rate = float(match[5]) * {"kB": 1e3, "MB": 1e6}[match[6]]
+    assert rate == pytest.approx(size / 2.5, rel=0.2)
+    assert 0 < float(match[7]) < 50  # the helper's frames are flat colours: zstd shrinks them a lot
+    progress = [line for line in recorder.log_lines if line.startswith(f"recording into {out}: ")]
+    assert progress and any(re.search(written, line) for line in progress), progress
+
+
+def test_an_output_name_without_mcap_gets_it(publisher, processes, tmp_path):
+    recorder = processes.start(CHUNKBUS, "tap", "record", "run", "--duration", "1", script=True, cwd=tmp_path)
+    assert recorder.wait(timeout=60) == 0, "".join(recorder.log_lines)
+    assert not (tmp_path / "run").exists() and info(str(tmp_path / "run.mcap"))["messages"] > 0
+    assert any("recording into run.mcap: MCAP recordings end in .mcap" in line for line in recorder.log_lines)
+    assert "into run.mcap" in recorder.stdout.read()
+
+
+@pytest.mark.parametrize("command", ["echo", "stats", "record"])
+def test_no_publisher_is_a_clear_error_that_says_where_the_tap_looked(command, runtime_dir, tmp_path):
+    args = [str(tmp_path / "run.mcap")] if command == "record" else []
+    started = time.monotonic()
+    result = subprocess.run([CHUNKBUS, "tap", command, *args], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: no publishers found in {runtime_dir} (the runtime directory; set CHUNKBUS_RUNTIME_DIR to look "
+        "elsewhere) within 3 s and no --connect endpoint given: is a node running on this host?"
+    )
+    assert not (tmp_path / "run.mcap").exists()
+
+
+def test_only_stale_publishers_is_a_clear_error_that_names_them(runtime_dir):
+    left_behind = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left_behind.bind(str(runtime_dir / "camera.pub"))  # the socket file of a node that is gone
+    left_behind.close()
+    result = subprocess.run([CHUNKBUS, "tap", "echo"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"no running publishers found in {runtime_dir} (the runtime directory" in result.stderr
+    assert "only the socket files of nodes that are gone (camera)" in result.stderr
+
+
+def test_a_tap_started_before_the_nodes_waits_for_them(processes):
+    echo = processes.start(CHUNKBUS, "--log-json", "tap", "echo", "--topic", "state", "--duration", "2",
+                           script=True)
+    processes.wait_log(echo, '"waiting for publishers"')
+    time.sleep(0.5)
+    with Publisher("pub") as publisher:  # in this process: it appears at once, however loaded the machine
+        seq = 0
+        while echo.poll() is None:
+            publisher.publish("state", ArmState("arm", seq, time.monotonic(), ["j0"], state_for(seq)[:1]))
+            seq += 1
+            time.sleep(0.02)
+    assert echo.returncode == 0, "".join(echo.log_lines)
+    assert echo.stdout.readline().startswith("state: arm_state")
