@@ -24,6 +24,32 @@ MAX_IPC_PATH = 107
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
+# --- the names that join the nodes ----------------------------------------------------------
+
+STATE = "state"  # the arm's joint positions (ArmState), at its rate
+COMMAND = "command"  # the actuator's command for each tick (Command)
+
+
+def camera_topic(camera: str) -> str:
+    """Where camera `camera` publishes its frames (CameraFrame)."""
+    return f"camera/{camera}"
+
+
+def camera_node(camera: str) -> str:
+    """The node name a camera runs under unless told otherwise."""
+    return f"camera_{camera}"
+
+
+def stats_topic(node: str) -> str:
+    """Where node `node` publishes its once-a-second figures (Stats)."""
+    return f"{node}/stats"
+
+
+def capture_topic(direction: str, service: str) -> str:
+    """Where the broker offers its traffic to taps: direction "request" or "reply"."""
+    return f"broker/{direction}/{service}"
+
+
 class EndpointError(RuntimeError):
     """An endpoint that cannot be used; the text says why and what to do."""
 

@@ -12,16 +12,25 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import zmq
 
 from chunkbus.bus.codec import MAX_MESSAGE_BYTES, decode, encode
 from chunkbus.bus.endpoints import claim, publisher_endpoint, resolve
-from chunkbus.bus.log import get_logger
+from chunkbus.bus.log import Every, get_logger
 from chunkbus.bus.messages import Message, MessageError
 
 POLL_MS = 50  # how often a background thread checks that it should stop
+
+
+def drain(socket: zmq.Socket) -> Iterator[list[zmq.Frame]]:
+    """Every multipart message waiting on `socket` now, without blocking (until zmq.Again)."""
+    while True:
+        try:
+            yield socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
 
 
 class Publisher:
@@ -56,7 +65,11 @@ class Publisher:
             raise
 
     def publish(self, topic: str, message: Message) -> None:
-        self.socket.send_multipart([topic.encode(), *encode(message)], copy=False)
+        self.publish_frames(topic, encode(message))
+
+    def publish_frames(self, topic: str, frames: Sequence) -> None:
+        """Publish already-encoded frames (a replay, the broker's capture) as they are."""
+        self.socket.send_multipart([topic.encode(), *frames], copy=False)
 
     def close(self) -> None:
         self.socket.close()
@@ -112,7 +125,7 @@ class Subscriber:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._log = get_logger(component="subscriber")
-        self._last_complaint = 0.0
+        self._complain_every = Every(1.0)  # a flood of garbage cannot flood the log too
         self._thread = threading.Thread(target=self._run, name="chunkbus-subscriber", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -178,11 +191,7 @@ class Subscriber:
 
     def _drain(self, socket: zmq.Socket) -> None:
         newest: dict[bytes, tuple[list[zmq.Frame], float]] = {}
-        while True:
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frames in drain(socket):
             now = time.monotonic()
             if self._on_message is not None:
                 self._accept(frames, now)
@@ -210,10 +219,7 @@ class Subscriber:
             self._on_message(received)
 
     def _complain(self, topic: str, exc: MessageError) -> None:
-        # At most one line a second, so a flood of garbage cannot flood the log too.
-        now = time.monotonic()
-        if now - self._last_complaint >= 1.0:
-            self._last_complaint = now
+        if self._complain_every(time.monotonic()):
             self._log.warning(
                 "dropped malformed message", topic=topic, error=str(exc), rejected=self.rejected
             )
