@@ -8,9 +8,10 @@ from importlib.metadata import version
 import click
 import zmq
 
-from chunkbus.bus.endpoints import list_publishers, runtime_dir
+from chunkbus.bus.endpoints import camera_node, list_publishers, runtime_dir
 from chunkbus.bus.lifecycle import EXIT_PERMANENT, follow_launcher
 from chunkbus.bus.log import LEVELS, configure_logging
+from chunkbus.launch.cli import launch_command
 
 
 class PermanentError(click.ClickException):
@@ -169,7 +170,7 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
         loaded = load_policy(policy, device)
     except PolicyLoadError as exc:  # a restart loads the same nothing: exit EXIT_PERMANENT
         raise PermanentError(str(exc)) from None
-    service = service or loaded.describe()["type"]
+    service = service or loaded.describe().type
     logger.info("policy loaded", policy=policy, service=service, device=device)
     serve(loaded, broker_address, service, max_batch)
 
@@ -218,7 +219,7 @@ def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, 
     """Publish one camera's frames at a fixed rate."""
     from chunkbus.nodes.camera import CameraError, CameraNode, open_source, serve
 
-    node_name = node_name or f"camera_{name}"
+    node_name = node_name or camera_node(name)
     log.start(node_name)
     try:
         node = CameraNode(
@@ -421,8 +422,7 @@ def tap_info(log: LogOptions, recording) -> None:
     click.echo(format_info(_tap_errors(info, recording)))
 
 
-from chunkbus.launch.cli import launch  # noqa: E402  (a command of its own, and of chunkbus)
-
+launch = launch_command(main)  # `chunkbus launch`, and the `launch` script (pyproject.toml)
 main.add_command(launch)
 
 

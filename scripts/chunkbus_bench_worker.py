@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from chunkbus.bus.log import configure_logging
-from chunkbus.nodes.lerobot_policy import LerobotPolicy
+from chunkbus.nodes.policies.lerobot import LerobotPolicy
 from chunkbus.nodes.worker import serve
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--trivial", action="store_true")
     parser.add_argument("--max-batch", type=int, default=4)
     args = parser.parse_args()
-    configure_logging("bench-worker", "info", json=True)  # bench_roundtrip waits for "worker ready"
+    configure_logging("bench-worker", "info", json=True)  # bench_roundtrip waits for its ready line
     policy = LerobotPolicy(args.checkpoint)
     if args.trivial:
         length, size = policy.chunk_size, policy.action_size

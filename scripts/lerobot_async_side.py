@@ -75,7 +75,7 @@ def make_act_checkpoint(folder: Path | str, chunk_size: int = CHUNK) -> Path:
     """chunkbus's random-weight ACT checkpoint (the one its worker loads), images 3x480x640,
     inputs observation.state (6) + observation.images.front / .wrist, action (6). Reused if
     the folder already holds one."""
-    from chunkbus.nodes.demo_policy import save_random_policy
+    from chunkbus.nodes.policies.demo import save_random_policy
 
     folder = Path(folder)
     if not (folder / "model.safetensors").exists():

@@ -16,7 +16,7 @@ import torch
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient
 from chunkbus.bus.lifecycle import EXIT_PERMANENT
-from chunkbus.nodes.lerobot_policy import LerobotPolicy, letterbox
+from chunkbus.nodes.policies.lerobot import LerobotPolicy, letterbox
 from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
 from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
 
@@ -50,14 +50,14 @@ def test_worker_serves_a_lerobot_checkpoint(kind, checkpoints, processes):
     broker = start_broker(processes)
     start_worker(processes, broker.backend, str(checkpoints[kind]), "--max-batch", "2")
     with BrokerClient(broker.frontend) as client:
-        service = wait_for(lambda: client.status()["services"].get(kind), timeout=60, what=f"{kind} worker")
-        model = service["model"]  # the service name defaults to the policy's type
-        assert model["type"] == kind and model["action_size"] == ACTION_SIZE
-        steps = model["n_obs_steps"]
+        service = wait_for(lambda: client.status().services.get(kind), timeout=60, what=f"{kind} worker")
+        model = service.model  # the service name defaults to the policy's type
+        assert model.type == kind and model.action_size == ACTION_SIZE
+        steps = model.n_obs_steps
         assert steps == {"act": 1, "diffusion": 2, "vqbet": 5}[kind]
         chunk = client.request(kind, two_camera_request("ok", steps, jpeg_wrist=True), timeout=60)
         assert isinstance(chunk, ActionChunk)
-        assert chunk.actions.shape == (model["chunk_size"], ACTION_SIZE)
+        assert chunk.actions.shape == (model.chunk_size, ACTION_SIZE)
         assert chunk.actions.dtype == np.float32 and np.isfinite(chunk.actions).all()
         assert chunk.tick == 10 and chunk.request_id == "ok"
         assert {"decode", "preprocess", "inference", "postprocess"} <= set(chunk.timings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chunkbus.nodes.demo_policy import ACTION_SIZE, CAMERAS, save_random_policy
+from chunkbus.nodes.policies.demo import ACTION_SIZE, CAMERAS, save_random_policy
 
 __all__ = ["ACTION_SIZE", "CAMERAS", "save_tiny_policy"]
 

@@ -1,49 +1,17 @@
-"""What a worker serves: a policy that turns observation requests into action chunks.
-
-`load_policy("scripted:sine")` gives a scripted policy (deterministic trajectories,
-no torch) for tests and benchmarks; `demo:act` an untrained ACT with random weights for
-the demo (nodes/demo_policy.py); anything else is a LeRobot checkpoint folder or hub id,
-loaded by lerobot's own code (nodes/lerobot_policy.py).
-"""
+"""Scripted policies: deterministic trajectories, no model and no torch, for tests and benchmarks."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import numpy as np
 
 from chunkbus.bus.messages import ObservationRequest
-
-
-class BadRequest(ValueError):
-    """The request does not fit the model (missing camera, wrong state size, ...)."""
-
-
-@dataclass
-class Result:
-    actions: np.ndarray | None = None  # (chunk, action size) float32
-    error: BadRequest | None = None
-
-
-@dataclass
-class BatchResult:
-    results: list[Result]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds, for the whole batch
-
-
-class Policy(Protocol):
-    name: str
-
-    def describe(self) -> dict[str, Any]:
-        """The model description a worker puts in its READY: type, inputs, action size, ..."""
-
-    def run(self, requests: list[ObservationRequest]) -> BatchResult:
-        """One action chunk (or a BadRequest) per request, computed as one batch."""
+from chunkbus.bus.records import ModelDescription
+from chunkbus.nodes.policies import BatchResult, Result
 
 
 class ScriptedPolicy:
@@ -83,16 +51,9 @@ class ScriptedPolicy:
         phase = 2 * math.pi * ticks[:, None] / self.period + joints[None, :]
         return (self.amplitude * np.sin(phase)).astype(np.float32)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "type": self.name,
-            "scripted": True,
-            "inputs": {},
-            "n_obs_steps": 1,
-            "action_size": self.action_size,
-            "chunk_size": self.chunk,
-            "fps": None,
-        }
+    def describe(self) -> ModelDescription:
+        return ModelDescription(type=self.name, name=self.name, inputs={}, action_size=self.action_size,
+                                chunk_size=self.chunk, scripted=True)
 
     def run(self, requests: list[ObservationRequest]) -> BatchResult:
         start = time.perf_counter()
@@ -104,27 +65,3 @@ class ScriptedPolicy:
             for r in requests
         ]
         return BatchResult(results, {"inference": time.perf_counter() - start})
-
-
-class PolicyLoadError(RuntimeError):
-    """The policy cannot be loaded as configured (no such folder, not a checkpoint, a hub id
-    that cannot be fetched, a missing lerobot extra): trying again cannot help. One line."""
-
-
-def load_policy(spec: str, device: str = "cpu") -> Policy:
-    """The policy `spec` names; PolicyLoadError when the configuration is what is wrong."""
-    if spec.startswith("scripted:"):
-        try:
-            return ScriptedPolicy(spec)
-        except ValueError as exc:
-            raise PolicyLoadError(str(exc)) from exc
-    from chunkbus.nodes.lerobot_policy import LerobotPolicy
-
-    if spec.startswith("demo:"):
-        from chunkbus.nodes.demo_policy import demo_checkpoint
-
-        try:
-            spec = demo_checkpoint(spec.removeprefix("demo:"))
-        except ValueError as exc:
-            raise PolicyLoadError(str(exc)) from exc
-    return LerobotPolicy(spec, device)
