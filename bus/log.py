@@ -2,6 +2,8 @@
 
 Every line carries the node's name, including lines from libraries that use the
 standard `logging` module (lerobot, torch) and lines logged from background threads.
+Only chunkbus's own logger may mark a line as a node's readiness (bus/lifecycle.py's
+`ready` field); readable text leaves that field out: the line's words say it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from chunkbus.bus.lifecycle import OWN_LOGGER, READY
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _node = "chunkbus"
@@ -19,6 +23,18 @@ _node = "chunkbus"
 
 def _add_node(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     event.setdefault("node", _node)
+    return event
+
+
+def _ready_only_from_own_logger(logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    # `logger` is the standard logger a structlog line went through; None for other lines.
+    if READY in event and getattr(logger, "name", None) != OWN_LOGGER:
+        del event[READY]
+    return event
+
+
+def _hide_ready(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.pop(READY, None)
     return event
 
 
@@ -33,6 +49,7 @@ def configure_logging(
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=False),
         _add_node,
+        _ready_only_from_own_logger,
     ]
     if json:
         renderer: Any = structlog.processors.JSONRenderer()
@@ -40,6 +57,7 @@ def configure_logging(
     else:
         colors = hasattr(stream, "isatty") and stream.isatty()
         renderer = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)  # fields as logged
+        shared.append(_hide_ready)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -61,7 +79,7 @@ def configure_logging(
 
 
 def get_logger(**context: Any) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger("chunkbus").bind(**context)
+    return structlog.stdlib.get_logger(OWN_LOGGER).bind(**context)
 
 
 class Every:

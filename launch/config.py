@@ -214,9 +214,10 @@ def start_order(specs: list[NodeSpec]) -> list[NodeSpec]:
     """Each node after the nodes it waits for (the file's order otherwise)."""
     ordered: list[NodeSpec] = []
     placed: set[str] = set()
+    present = {spec.name for spec in specs}  # --only may leave out a node others wait for
     while len(ordered) < len(specs):
         for spec in specs:
-            if spec.name not in placed and all(a in placed for a in spec.after):
+            if spec.name not in placed and all(a in placed or a not in present for a in spec.after):
                 ordered.append(spec)
                 placed.add(spec.name)
     return ordered

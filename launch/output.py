@@ -20,10 +20,13 @@ import threading
 import time
 from typing import Any, TextIO
 
+from chunkbus.bus.lifecycle import READY
+
 COLOURS = [36, 32, 33, 35, 34, 91, 92, 93, 94, 95, 96]
 LEVEL_COLOURS = {"warning": 33, "error": 31, "critical": 31}
-# Keys every node line has, shown by the prefix and the line's start instead.
-SHOWN_ELSEWHERE = {"event", "level", "timestamp", "node", "logger", "exception"}
+# Keys every node line has, shown by the prefix and the line's start instead; and the
+# readiness mark, which the words of a "<kind> ready" line already say.
+SHOWN_ELSEWHERE = {"event", "level", "timestamp", "node", "logger", "exception", READY}
 
 
 def parse(line: str) -> dict[str, Any] | None:

@@ -15,20 +15,18 @@ for its launcher's death (bus/lifecycle.py) and stops.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-from chunkbus.bus.lifecycle import EXIT_PERMANENT, LAUNCHER_PID, STOP_SIGNALS
+from chunkbus.bus.lifecycle import EXIT_PERMANENT, LAUNCHER_PID, is_ready, on_stop_signals
 from chunkbus.launch.config import NodeSpec, start_order
 from chunkbus.launch.output import Console
+from chunkbus.launch.process import exit_description, node_command
 
-READY = re.compile(r"\b\w+ ready\b")  # every node logs "<kind> ready" when it serves
 GRACE = 5.0  # seconds after each of SIGINT and SIGTERM
 
 
@@ -56,8 +54,9 @@ class Supervisor:
 
     @staticmethod
     def command_line(spec: NodeSpec) -> list[str]:
-        # JSON lines: the console renders them, and tells the stats lines apart.
-        return [sys.executable, "-m", "chunkbus.nodes.cli", "--log-json", spec.command, *spec.args]
+        # JSON lines: the console renders them, tells the stats lines apart, and finds the
+        # node's readiness line (is_ready: the field chunkbus's logger sets, not the words).
+        return node_command(spec.command, spec.args)
 
     # --- running --------------------------------------------------------------------------------
 
@@ -83,7 +82,7 @@ class Supervisor:
         # output pipe fills up would block in its next log line, control loop and all.
         for line in process.stdout:
             event = self.console.node_line(node.spec.name, line.rstrip("\n"))
-            if not node.ready.is_set() and event is not None and READY.search(str(event["event"])):
+            if not node.ready.is_set() and is_ready(event):
                 node.ready.set()
 
     def wait_ready(self, names: list[str]) -> bool:
@@ -100,8 +99,7 @@ class Supervisor:
         return True
 
     def run(self, duration: float | None = None) -> int:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda *_: self.stop_event.set())
+        on_stop_signals(self.stop_event.set)
         end = time.monotonic() + duration if duration else None
         selected = {n.spec.name for n in self.nodes}
         try:
@@ -148,7 +146,7 @@ class Supervisor:
 
     def on_exit(self, node: Running, code: int, now: float) -> None:
         spec = node.spec
-        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        how = exit_description(code)
         if code == EXIT_PERMANENT:
             node.done = True
             self.failure = (

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chunkbus.bus.lifecycle import on_stop_signals
+from chunkbus.bus.endpoints import COMMAND, STATE
+from chunkbus.bus.lifecycle import announce_ready, run_node
 from chunkbus.bus.log import Every, get_logger
 from chunkbus.bus.messages import ArmState, Command
 from chunkbus.bus.sockets import Publisher, Subscriber
@@ -276,7 +277,7 @@ class ArmNode:
         self.safety = Safety(driver.names, driver.limits, max_step)
         self.log = get_logger()
         self.publisher = Publisher(name)
-        self.commands = Subscriber(commands_from, ["command"])
+        self.commands = Subscriber(commands_from, [COMMAND])
         self.stop_event = threading.Event()
         self.applied_seq = -1
         self.rejected = 0
@@ -292,12 +293,12 @@ class ArmNode:
         ticker = Ticker(self.rate)
         target = self.driver.read()
         last_command = 0.0
-        self.log.info("arm ready", joints=self.driver.names, rate=self.rate, endpoints=self.publisher.endpoints)
+        announce_ready(self.log, "arm", joints=self.driver.names, rate=self.rate, endpoints=self.publisher.endpoints)
         try:
             while not self.stop_event.is_set():
                 ticker.wait()
                 now = time.monotonic()
-                received = self.commands.latest("command")
+                received = self.commands.latest(COMMAND)
                 if received is not None and received.message.seq != self.applied_seq:
                     command: Command = received.message
                     self.applied_seq = command.seq
@@ -337,7 +338,7 @@ class ArmNode:
 
     def publish_state(self, now: float) -> None:
         positions = self.driver.read().astype(np.float32)
-        self.publisher.publish("state", ArmState(self.name, self.seq, now, self.driver.names, positions, self.holding))
+        self.publisher.publish(STATE, ArmState(self.name, self.seq, now, self.driver.names, positions, self.holding))
         self.seq += 1
 
     def check(self, command: Command) -> bool:
@@ -354,9 +355,8 @@ class ArmNode:
 
 def serve(driver, name: str, rate: float, hold_after: float, max_step: float, commands_from: list[str]) -> None:
     node = ArmNode(driver, name, rate, hold_after, max_step, commands_from)
-    on_stop_signals(node.stop)
     try:
-        node.run()
+        run_node(node)
     except Exception as exc:  # the motor bus failed mid-run: say so plainly, and exit non-zero
         node.log.error("the motor bus failed: stopping (a launch file restarts this node by its policy)",
                        error=f"{type(exc).__name__}: {exc}")

@@ -16,7 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chunkbus.bus.lifecycle import on_stop_signals
+from chunkbus.bus.endpoints import camera_topic
+from chunkbus.bus.lifecycle import announce_ready, run_node
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import CameraFrame, JpegImage
 from chunkbus.bus.sockets import Publisher
@@ -167,7 +168,7 @@ class CameraNode:
     def __init__(self, name: str, opener, fps: float, encoding: str, jpeg_quality: int, node: str, bind=()):
         self.name, self.opener, self.fps = name, opener, fps
         self.encoding, self.jpeg_quality = encoding, jpeg_quality
-        self.topic = f"camera/{name}"
+        self.topic = camera_topic(name)
         self.log = get_logger()
         self.source = opener()  # a source that cannot be opened fails the node at once
         self.publisher = Publisher(node, bind)
@@ -180,8 +181,8 @@ class CameraNode:
     def run(self) -> None:
         ticker = Ticker(self.fps)
         seq = 0
-        self.log.info(
-            "camera ready", camera=self.name, source=self.source.describe(), fps=self.fps,
+        announce_ready(
+            self.log, "camera", camera=self.name, source=self.source.describe(), fps=self.fps,
             encoding=self.encoding, endpoints=self.publisher.endpoints,
         )
         try:
@@ -218,5 +219,4 @@ class CameraNode:
 
 
 def serve(node: CameraNode) -> None:
-    on_stop_signals(node.stop)
-    node.run()
+    run_node(node)

@@ -28,10 +28,10 @@ import zmq
 
 from chunkbus.bus.codec import decode
 from chunkbus.bus.endpoints import list_publishers, resolve, runtime_dir
-from chunkbus.bus.lifecycle import on_stop_signals
+from chunkbus.bus.lifecycle import stop_event
 from chunkbus.bus.log import get_logger
 from chunkbus.bus.messages import JpegImage, MessageError
-from chunkbus.bus.sockets import Publisher
+from chunkbus.bus.sockets import Publisher, drain
 
 FRAMES_ENCODING = "chunkbus-frames-msgpack"
 PROFILE = "chunkbus"
@@ -119,11 +119,7 @@ class Listener:
         next_scan = time.monotonic() + 1.0
         while not stop.is_set() and (until is None or time.monotonic() < until):
             if self.socket.poll(100):
-                while True:
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in drain(self.socket):
                     yield frames[0].bytes.decode("utf-8", "replace"), frames[1:], time.time_ns()
             if time.monotonic() >= next_scan:
                 next_scan += 1.0
@@ -137,12 +133,6 @@ class Listener:
 class TopicFigures:
     messages: int = 0
     bytes: int = 0
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    on_stop_signals(stop.set)
-    return stop
 
 
 # --- record -------------------------------------------------------------------------------------------
@@ -176,7 +166,7 @@ def record(path: str, connect: list[str], topics: list[str], duration: float | N
     from mcap.writer import CompressionType, Writer
 
     log = get_logger()
-    stop = _stop_on_signals()
+    stop = stop_event()
     listener = Listener(connect)  # first: a tap that finds nothing to record leaves no file
     if recording_path(path) != path:
         path = recording_path(path)
@@ -314,7 +304,7 @@ def format_info(summary: dict) -> str:
 
 def replay(path: str, rate: float, topics: list[str], node: str, bind: list[str]) -> int:
     """Republish the recording's messages with their original timing, scaled by 1/rate."""
-    stop = _stop_on_signals()
+    stop = stop_event()
     messages = list(read_recording(path, topics))
     if topics and not messages:
         raise TapError(f"no messages on {', '.join(topics)} in {path!r}")
@@ -326,7 +316,7 @@ def replay(path: str, rate: float, topics: list[str], node: str, bind: list[str]
             due = start + (log_time - origin) / 1e9 / rate
             if stop.wait(max(0.0, due - time.monotonic())):
                 break
-            publisher.socket.send_multipart([topic.encode(), *frames])
+            publisher.publish_frames(topic, frames)
             count += 1
         time.sleep(0.2)  # let the last messages leave
     return count
@@ -350,7 +340,7 @@ def describe(value) -> str:
 
 
 def echo(connect: list[str], topics: list[str], duration: float | None) -> None:
-    stop = _stop_on_signals()
+    stop = stop_event()
     listener = Listener(connect)
     until = time.monotonic() + duration if duration else None
     try:
@@ -369,7 +359,7 @@ def echo(connect: list[str], topics: list[str], duration: float | None) -> None:
 
 
 def stats(connect: list[str], topics: list[str], duration: float | None, window: float = 2.0) -> None:
-    stop = _stop_on_signals()
+    stop = stop_event()
     listener = Listener(connect)
     until = time.monotonic() + duration if duration else None
     samples: dict[str, list[tuple[float, int]]] = defaultdict(list)

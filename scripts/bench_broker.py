@@ -17,21 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import zmq
 
 from chunkbus.bus import Observation, ObservationRequest, encode
 from chunkbus.bus.client import BrokerClient
-
-CHUNKBUS = str(Path(sys.executable).parent / "chunkbus")
+from chunkbus.launch.process import NodeProcess
 
 ECHO_WORKER = """
 import sys, zmq
@@ -73,43 +70,37 @@ class Cluster:
     """Processes on a private runtime directory, so their endpoints meet nobody else's."""
 
     def __init__(self):
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[NodeProcess] = []
         os.environ.setdefault("CHUNKBUS_RUNTIME_DIR", tempfile.mkdtemp(prefix="cb-bench-", dir="/tmp"))
 
-    def start(self, *args: str, stdout=subprocess.DEVNULL) -> subprocess.Popen:
-        process = subprocess.Popen(args, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def start(self, *args: str, stdout=subprocess.DEVNULL) -> NodeProcess:
+        """Any program; its stderr is collected (NodeProcess.log_lines, wait_ready)."""
+        return self.kept(NodeProcess(args, stdout=stdout))
+
+    def node(self, command: str, *args: str) -> dict:
+        """A `chunkbus COMMAND` node, once it is ready; its readiness line."""
+        return self.kept(NodeProcess.node(command, *args)).wait_ready(timeout=300)
+
+    def kept(self, process: NodeProcess) -> NodeProcess:
         self.processes.append(process)
         return process
 
     def broker(self) -> tuple[str, str]:
-        process = self.start(CHUNKBUS, "--log-json", "broker", "--frontend", "tcp://127.0.0.1:*",
-                             "--backend", "tcp://127.0.0.1:*", "--max-queue", "1000")
-        for line in process.stderr:
-            event = json.loads(line)
-            if event["event"] == "broker ready":
-                threading.Thread(target=process.stderr.read, daemon=True).start()
-                return event["frontend"], event["backend"]
-        raise RuntimeError("the broker did not start")
+        ready = self.node("broker", "--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                          "--max-queue", "1000")
+        return ready["frontend"], ready["backend"]
 
     def worker(self, backend: str, policy: str, service: str) -> None:
-        process = self.start(CHUNKBUS, "--log-json", "worker", "--broker", backend, "--policy", policy,
-                             "--service", service)
-        for line in process.stderr:
-            if json.loads(line)["event"] == "worker ready":
-                threading.Thread(target=process.stderr.read, daemon=True).start()
-                return
-        raise RuntimeError("a worker did not start")
+        self.node("worker", "--broker", backend, "--policy", policy, "--service", service)
 
     def stop(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            process.close()
 
 
 def wait_for_workers(client: BrokerClient, service: str, count: int) -> None:
     deadline = time.monotonic() + 60
-    while client.status()["services"].get(service, {}).get("workers", 0) < count:
+    while getattr(client.status().services.get(service), "workers", 0) < count:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{count} workers for {service} did not register")
         time.sleep(0.05)

@@ -19,19 +19,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_broker import CHUNKBUS, Cluster  # noqa: E402
+from bench_broker import Cluster  # noqa: E402
 
+from chunkbus.bus.endpoints import stats_topic  # noqa: E402
 from chunkbus.bus.sockets import Subscriber  # noqa: E402
 
 
 def run_at(cluster: Cluster, frontend: str, fps: int, seconds: float) -> dict:
     name = f"actuator{fps}"
-    cluster.start(CHUNKBUS, "actuator", "--broker", frontend, "--service", "sine", "--camera", "front",
-                  "--camera", "wrist", "--fps", str(fps), "--name", name)
-    with Subscriber([name], [f"{name}/stats"]) as stats:
-        first = stats.wait(f"{name}/stats", timeout=30)
+    cluster.node("actuator", "--broker", frontend, "--service", "sine", "--camera", "front",
+                 "--camera", "wrist", "--fps", str(fps), "--name", name)
+    with Subscriber([name], [stats_topic(name)]) as stats:
+        first = stats.wait(stats_topic(name), timeout=30)
         time.sleep(seconds)
-        last = stats.wait(f"{name}/stats", timeout=5, newer_than=first.receive_time).message.figures
+        last = stats.wait(stats_topic(name), timeout=5, newer_than=first.receive_time).message.figures
     cluster.processes[-1].terminate()
     cluster.processes[-1].wait(timeout=10)
     return {
@@ -54,8 +55,8 @@ def main() -> None:
         frontend, backend = cluster.broker()
         cluster.worker(backend, "scripted:sine?chunk=50&delay=0.02", "sine")
         for camera in ("front", "wrist"):
-            cluster.start(CHUNKBUS, "camera", "--name", camera, "--fps", "30", "--width", "640", "--height", "480")
-        cluster.start(CHUNKBUS, "arm", "--rate", "100")
+            cluster.node("camera", "--name", camera, "--fps", "30", "--width", "640", "--height", "480")
+        cluster.node("arm", "--rate", "100")
         figures = {}
         for fps in (30, 100):
             figures[f"hz{fps}"] = run_at(cluster, frontend, fps, args.seconds)

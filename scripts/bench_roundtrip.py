@@ -121,12 +121,8 @@ def start_chunkbus(cluster, checkpoint: Path, trivial: bool) -> str:
     """A broker and a bench worker; returns the broker's frontend."""
     frontend, backend = cluster.broker()
     args = [sys.executable, str(Path(__file__).parent / "chunkbus_bench_worker.py"), backend, str(checkpoint)]
-    process = cluster.start(*args, *(["--trivial"] if trivial else []))
-    for line in process.stderr:
-        if json.loads(line).get("event") == "worker ready":
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return frontend
-    raise RuntimeError("the bench worker did not start")
+    cluster.start(*args, *(["--trivial"] if trivial else [])).wait_ready(timeout=600)
+    return frontend
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

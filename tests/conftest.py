@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from chunkbus.launch.process import NodeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -41,51 +39,33 @@ def runtime_dir(monkeypatch):
 class Processes:
     """Starts helper processes and kills every one of them at teardown, also on failure.
 
-    A process's stderr is read by a thread into `process.log_lines` (so a chatty process
-    never blocks on a full pipe); `wait_log` waits for a line.
+    Each is a NodeProcess (chunkbus.launch.process): a thread reads its stderr into
+    `process.log_lines` (so a chatty process never blocks on a full pipe); `start_node`
+    starts a chunkbus node and waits until it is ready; `wait_log` waits for a line.
     """
 
     def __init__(self):
-        self.started: list[subprocess.Popen] = []
+        self.started: list[NodeProcess] = []
 
-    def start(self, *args: str, script: bool = False, **kwargs) -> subprocess.Popen:
+    def start(self, *args: str, script: bool = False, **kwargs) -> NodeProcess:
         """Run `args` with this Python, or as a program of its own with script=True."""
-        process = subprocess.Popen(
-            list(args) if script else [sys.executable, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **kwargs.pop("env", {})},
-            start_new_session=True,
-            **kwargs,
-        )
-        process.log_lines = []
-        threading.Thread(target=self._collect, args=(process,), daemon=True).start()
+        return self._kept(NodeProcess, list(args) if script else [sys.executable, *args], **kwargs)
+
+    def start_node(self, command: str, *args: str, timeout: float = 60.0, **kwargs) -> NodeProcess:
+        """`chunkbus --log-json COMMAND ARGS`, once it is ready (its line: process.ready_event)."""
+        process = self._kept(NodeProcess.node, command, *args, **kwargs)
+        process.wait_ready(timeout)
+        return process
+
+    def _kept(self, start, *args, stdout=subprocess.PIPE, **kwargs) -> NodeProcess:
+        process = start(*args, stdout=stdout, **kwargs)
         self.started.append(process)
         return process
 
     @staticmethod
-    def _collect(process: subprocess.Popen) -> None:
-        for line in process.stderr:
-            process.log_lines.append(line)
-
-    @staticmethod
-    def wait_log(process: subprocess.Popen, text: str, timeout: float = 60.0, start: int = 0) -> str:
+    def wait_log(process: NodeProcess, text: str, timeout: float = 60.0, start: int = 0) -> str:
         """The first line from index `start` on containing `text`; fails if the process exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in process.log_lines[start:]:
-                if text in line:
-                    return line
-            if process.poll() is not None and not any(text in l for l in process.log_lines[start:]):
-                time.sleep(0.1)  # let the reader thread catch the last lines
-                if not any(text in l for l in process.log_lines[start:]):
-                    raise AssertionError(
-                        f"process exited ({process.returncode}) before logging {text!r}:\n"
-                        + "".join(process.log_lines[-20:])
-                    )
-            time.sleep(0.02)
-        raise AssertionError(f"no {text!r} within {timeout} s:\n" + "".join(process.log_lines[-20:]))
+        return process.wait_log(text, timeout, start)
 
     def helper(self, name: str, *args: str, **kwargs) -> subprocess.Popen:
         return self.start(str(HELPERS / name), *args, **kwargs)
@@ -100,11 +80,7 @@ class Processes:
 
     def cleanup(self):
         for process in self.started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-            if process.stdout:
-                process.stdout.close()
+            process.close()
 
 
 @pytest.fixture

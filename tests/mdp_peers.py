@@ -4,9 +4,7 @@ plus helpers that start chunkbus brokers and workers as real processes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +12,8 @@ from pathlib import Path
 
 import msgpack
 import zmq
+
+from chunkbus.launch.process import NodeProcess
 
 CHUNKBUS = str(Path(sys.executable).parent / "chunkbus")
 
@@ -89,34 +89,25 @@ class RawClient:
 
 @dataclass
 class BrokerProcess:
-    process: subprocess.Popen
+    process: NodeProcess
     frontend: str
     backend: str
     metrics_port: int | None = None
 
 
 def start_broker(processes, *options: str, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*") -> BrokerProcess:
-    """A `chunkbus broker` process; waits for it to say where it listens."""
-    process = processes.start(
-        CHUNKBUS, "--log-json", "broker", "--frontend", frontend, "--backend", backend, *options,
-        script=True,
-    )
-    ready = json.loads(processes.wait_log(process, '"broker ready"', timeout=30))
+    """A `chunkbus broker` process; waits until it is ready, and says where it listens."""
+    process = processes.start_node("broker", "--frontend", frontend, "--backend", backend, *options, timeout=30)
     metrics_port = None
     if "--metrics-port" in options:
         served = json.loads(processes.wait_log(process, '"metrics served"'))
         metrics_port = int(served["url"].rsplit(":", 1)[1].split("/")[0])
-    return BrokerProcess(process, ready["frontend"], ready["backend"], metrics_port)
+    return BrokerProcess(process, process.ready_event["frontend"], process.ready_event["backend"], metrics_port)
 
 
-def start_worker(processes, backend: str, policy: str, *options: str) -> subprocess.Popen:
+def start_worker(processes, backend: str, policy: str, *options: str) -> NodeProcess:
     """A `chunkbus worker` process; waits until it is ready."""
-    process = processes.start(
-        CHUNKBUS, "--log-json", "worker", "--broker", backend, "--policy", policy, *options,
-        script=True,
-    )
-    processes.wait_log(process, '"worker ready"', timeout=120)
-    return process
+    return processes.start_node("worker", "--broker", backend, "--policy", policy, *options, timeout=120)
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
@@ -128,6 +119,6 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def kill(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    os.killpg(process.pid, sig)
+def kill(process: NodeProcess, sig=signal.SIGKILL) -> None:
+    process.signal_group(sig)
     process.wait(timeout=10)

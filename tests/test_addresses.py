@@ -142,7 +142,7 @@ def test_status_ping_and_worker_find_the_broker_from_chunkbus_broker(processes):
     # The worker: CHUNKBUS_BROKER's host, on the port after the frontend's (the backend).
     worker = processes.start(CHUNKBUS, "worker", "--policy", "scripted:sine", script=True,
                              env={**env, "CHUNKBUS_LOG_JSON": "1"})
-    assert f'"broker": "tcp://127.0.0.1:{port + 1}"' in processes.wait_log(worker, '"worker ready"', timeout=60)
+    assert worker.wait_ready(timeout=60)["broker"] == f"tcp://127.0.0.1:{port + 1}"
 
     result = chunkbus("ping", "-n", "2", env=env)  # no --service: the broker's only one
     assert result.returncode == 0, result.stderr
@@ -154,9 +154,9 @@ def test_status_ping_and_worker_find_the_broker_from_chunkbus_broker(processes):
 def test_the_workers_own_broker_option_wins_over_chunkbus_broker(processes):
     broker = start_broker(processes, "--no-capture")
     backend = broker.backend.removeprefix("tcp://")  # HOST:PORT, as people write it
-    worker = processes.start(CHUNKBUS, "--log-json", "worker", "--policy", "scripted:sine", "--broker", backend,
-                             script=True, env={"CHUNKBUS_BROKER": "127.0.0.1:9"})
-    assert f'"broker": "{broker.backend}"' in processes.wait_log(worker, '"worker ready"', timeout=60)
+    worker = processes.start_node("worker", "--policy", "scripted:sine", "--broker", backend,
+                                  env={"CHUNKBUS_BROKER": "127.0.0.1:9"})
+    assert worker.ready_event["broker"] == broker.backend
     result = chunkbus("status", "--broker", broker.frontend.removeprefix("tcp://"),
                       env={"CHUNKBUS_BROKER": "127.0.0.1:9"})
     assert result.returncode == 0 and "scripted:sine" in result.stdout, result.stderr

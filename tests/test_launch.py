@@ -74,8 +74,8 @@ def run_local(processes, runtime_dir, tmp_path, policy: str, seconds: int):
 def test_local_launch_runs_the_whole_system_with_the_real_act_demo(processes, runtime_dir, tmp_path):
     commands, status, output = run_local(processes, runtime_dir, tmp_path, "demo:act", 25)
     assert "UNTRAINED demo ACT policy with random weights" in output
-    demo = status["services"]["demo"]
-    assert demo["model"]["type"] == "act" and demo["outcomes"]["ok"] >= 1  # chunks from the ACT worker
+    demo = status.services["demo"]
+    assert demo.model.type == "act" and demo.outcomes["ok"] >= 1  # chunks from the ACT worker
     moving = [c for c in commands if not c.hold]
     assert len(moving) > 60
     ticks = [c.tick for c in commands]
@@ -86,7 +86,7 @@ def test_local_launch_runs_the_whole_system_with_the_real_act_demo(processes, ru
 
 def test_local_launch_with_a_scripted_policy(processes, runtime_dir, tmp_path):
     commands, status, _ = run_local(processes, runtime_dir, tmp_path, "scripted:sine?delay=0.05", 8)
-    assert status["services"]["demo"]["model"]["type"] == "scripted:sine"
+    assert status.services["demo"].model.type == "scripted:sine"
     assert sum(not c.hold for c in commands) > 60
 
 
@@ -148,6 +148,9 @@ def test_dry_run_only_and_the_shipped_files(tmp_path):
     result = subprocess.run([LAUNCH, str(REPO / "configs/local.yaml"), "--dry-run", "--only", "arm"],
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.startswith("arm: ") and len(result.stdout.splitlines()) == 1
+    result = subprocess.run([LAUNCH, str(REPO / "configs/local.yaml"), "--dry-run", "--only", "worker"],
+                            capture_output=True, text=True, timeout=60)  # it waits for a node left out
+    assert result.stdout.startswith("worker: ") and len(result.stdout.splitlines()) == 1
     result = subprocess.run([LAUNCH, str(REPO / "configs/robot.yaml"), "--dry-run"], capture_output=True,
                             text=True, timeout=60, env={**os.environ, "BROKER": "tcp://gpu-host:7777"})
     assert "--broker tcp://gpu-host:7777" in result.stdout

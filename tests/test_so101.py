@@ -55,7 +55,7 @@ def check_drives_the_arm(processes, command) -> None:
         bus.apply_calibration(CALIBRATION)
         bus.set_present_position(1, int(MIDDLE["shoulder_pan"] + 512))  # 45 degrees
         arm = processes.start(*command(bus.port), script=True)
-        processes.wait_log(arm, '"arm ready"', timeout=60)
+        arm.wait_ready(timeout=60)
         with Publisher("actuator") as publisher, Subscriber(["arm"], ["state"]) as states:
             state = states.wait("state", timeout=10).message
             assert state.names == JOINTS
@@ -111,7 +111,7 @@ def test_a_motor_lost_mid_run_stops_the_node_with_a_clear_error(calibration_dir,
     with FeetechEmulator() as bus:
         bus.apply_calibration(CALIBRATION)
         arm = processes.start(*arm_command(bus.port, calibration_dir), script=True)
-        processes.wait_log(arm, '"arm ready"', timeout=60)
+        arm.wait_ready(timeout=60)
         bus.remove_motor(3)
         assert arm.wait(timeout=30) == 1
     line = processes.wait_log(arm, "the motor bus failed")

@@ -141,10 +141,7 @@ def test_a_node_started_by_hand_ignores_the_watch():
 
 
 def test_nodes_stop_on_sighup(runtime_dir, processes):
-    from mdp_peers import CHUNKBUS
-
-    arm = processes.start(CHUNKBUS, "--log-json", "arm", script=True)
-    processes.wait_log(arm, '"arm ready"')
+    arm = processes.start_node("arm")
     os.killpg(arm.pid, signal.SIGHUP)
     assert arm.wait(timeout=10) == 0
     processes.wait_log(arm, '"arm stopped, holding"')

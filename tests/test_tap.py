@@ -21,20 +21,14 @@ from helpers.publish import image_for, state_for
 from mdp_peers import CHUNKBUS, start_broker, start_worker
 
 
-def start_node(processes, ready: str, *args: str):
-    process = processes.start(CHUNKBUS, "--log-json", *args, script=True)
-    processes.wait_log(process, f'"{ready}"', timeout=60)
-    return process
-
-
 @pytest.fixture
 def running_system(processes):
     broker = start_broker(processes)
     start_worker(processes, broker.backend, "scripted:sine?chunk=30&delay=0.02", "--service", "sine")
-    start_node(processes, "camera ready", "camera", "--name", "front", "--fps", "20", "--width", "64", "--height", "48")
-    start_node(processes, "arm ready", "arm", "--rate", "30")
-    start_node(processes, "actuator ready", "actuator", "--broker", broker.frontend, "--service", "sine",
-               "--camera", "front", "--fps", "20")
+    processes.start_node("camera", "--name", "front", "--fps", "20", "--width", "64", "--height", "48")
+    processes.start_node("arm", "--rate", "30")
+    processes.start_node("actuator", "--broker", broker.frontend, "--service", "sine",
+                         "--camera", "front", "--fps", "20")
     return broker
 
 
