@@ -12,7 +12,6 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
 import zmq
@@ -20,6 +19,7 @@ import zmq
 from chunkbus.bus import mdp
 from chunkbus.bus.codec import decode, encode
 from chunkbus.bus.messages import ErrorReply, Message, MessageError
+from chunkbus.bus.records import BrokerStatus, ModelDescription
 
 _ids = itertools.count(1)
 
@@ -83,7 +83,7 @@ class BrokerClient:
                 f"no broker at {self.broker} within {self.connect_timeout:.1f} s: "
                 "is it running, and is the address right (tcp://HOST:5555)?"
             )
-        self.socket.send_multipart([b"", mdp.CLIENT, service.encode(), *body], copy=False)
+        self.socket.send_multipart(mdp.client_to_broker(service, body), copy=False)
 
     def send(self, service: str, message: Message) -> None:
         """Send a chunkbus request (its request_id, priority, ttl and replace_key go along)."""
@@ -95,11 +95,11 @@ class BrokerClient:
         """The next reply's service and body frames, or None after `timeout` seconds."""
         if not self.socket.poll(timeout * 1000, zmq.POLLIN):
             return None
-        frames = self.socket.recv_multipart(copy=False)
-        if len(frames) < 3 or frames[0].bytes != b"" or frames[1].bytes != mdp.CLIENT:
+        try:
+            return mdp.parse_broker_to_client(self.socket.recv_multipart(copy=False))
+        except MessageError:
             self.rejected += 1
             return self.receive_frames(0)
-        return frames[2].bytes.decode("utf-8", "replace"), frames[3:]
 
     def receive(self, timeout: float) -> Reply | None:
         """The next reply to any request of this client, or None after `timeout` seconds."""
@@ -156,6 +156,11 @@ class BrokerClient:
         """RFC 8's mmi.service: whether a worker serves `service` now."""
         return self._mmi(mdp.MMI_SERVICE, service.encode(), timeout) == b"200"
 
-    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+    def status(self, timeout: float = 5.0) -> BrokerStatus:
         """The broker's services, workers, queue depths and latency percentiles."""
-        return msgpack.unpackb(self._mmi(mdp.STATUS_SERVICE, b"", timeout), raw=False)
+        return BrokerStatus.from_wire(msgpack.unpackb(self._mmi(mdp.STATUS_SERVICE, b"", timeout), raw=False))
+
+    def model(self, service: str, timeout: float = 5.0) -> ModelDescription | None:
+        """The model `service` serves (its newest worker's), or None while no worker serves it."""
+        reply = self._mmi(mdp.MODEL_SERVICE, service.encode(), timeout)
+        return None if reply == b"404" else ModelDescription.from_wire(msgpack.unpackb(reply, raw=False), "model")

@@ -273,6 +273,8 @@ class Record:
                 value = value.to_wire()
             elif isinstance(value, list) and value and isinstance(value[0], Record):
                 value = [item.to_wire() for item in value]
+            elif isinstance(value, dict) and value and isinstance(next(iter(value.values())), Record):
+                value = {key: item.to_wire() for key, item in value.items()}
             out[name] = value
         return out
 

@@ -8,8 +8,9 @@ records the observation of tick k (newest frames and state, refused when older t
 delay (the measured round trip, in ticks) plus a margin. At most one request is in
 flight; its replace key is the robot id, so a queued stale one is superseded.
 
-Before the loop starts it fetches the service's model description from the broker and
-checks the cameras, state size and action size against it: a mismatch is one error that
+Before the loop starts it asks the broker for the service's model (mmi.model) and checks
+the cameras, state size and action size against it (again, off the loop, when a chunk comes
+from another model than the one checked): a mismatch is one error that
 names the fix, and the node exits (EXIT_PERMANENT) instead of sending the GPU host 30 bad
 requests a second. Whatever goes wrong later (a silent broker, a silent camera) is named
 in a warning at once and then at most every WARN_EVERY seconds, while the arm holds.
@@ -27,9 +28,11 @@ from functools import partial
 import numpy as np
 
 from chunkbus.bus.client import BrokerClient, BrokerUnavailable, new_request_id
-from chunkbus.bus.lifecycle import on_stop_signals
+from chunkbus.bus.endpoints import COMMAND, STATE, camera_node, camera_topic, stats_topic
+from chunkbus.bus.lifecycle import announce_ready, run_node
 from chunkbus.bus.log import Every, get_logger
 from chunkbus.bus.messages import ActionChunk, Command, ErrorReply, Observation, ObservationRequest, Stats
+from chunkbus.bus.records import ModelDescription
 from chunkbus.bus.sockets import Publisher, Subscriber
 from chunkbus.bus.ticker import Ticker
 from chunkbus.nodes import stitching
@@ -69,40 +72,17 @@ class SetupError(RuntimeError):
     """The actuator cannot control this arm with this service; the text names the fix."""
 
 
-class ModelWatch:
-    """Keeps the service's model description fresh, off the control loop (a status query blocks).
-
-    `problem` says why there is no description yet: the broker does not answer, or has no
-    worker for the service.
-    """
-
-    def __init__(self, broker: str, service: str):
-        self.model: dict | None = None
-        self.problem = f"no answer from the broker at {broker} yet"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(broker, service), daemon=True, name="chunkbus-model")
-        self._thread.start()
-
-    def _run(self, broker: str, service: str) -> None:
-        with BrokerClient(broker, connect_timeout=1.0) as client:
-            while not self._stop.is_set():
-                try:
-                    services = client.status(timeout=1.0)["services"]
-                    found = services.get(service)
-                    if found and found.get("model"):
-                        self.model = found["model"]
-                    else:
-                        others = ", ".join(sorted(set(services) - {service})) or "none"
-                        self.problem = (f"the broker at {broker} has no worker for service {service!r} yet "
-                                        f"(its services: {others}); is the worker starting, and is --service right?")
-                except (TimeoutError, BrokerUnavailable):
-                    self.problem = (f"no answer from the broker at {broker}: is `chunkbus broker` running there, "
-                                    "and is the address right (--broker HOST:PORT)?")
-                self._stop.wait(5.0 if self.model else 0.5)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=3)
+def ask_model(client: BrokerClient, service: str) -> tuple[ModelDescription | None, str | None]:
+    """The model `service` serves, or None and why not (the broker is silent, or has no worker)."""
+    try:
+        model = client.model(service, timeout=1.0)
+    except (TimeoutError, BrokerUnavailable):
+        return None, (f"no answer from the broker at {client.broker}: is `chunkbus broker` running there, and is "
+                      "the address right (--broker HOST:PORT)?")
+    if model is None:
+        return None, (f"the broker at {client.broker} has no worker for service {service!r} yet: is the worker "
+                      f"starting, and is --service right? (`chunkbus status --broker {client.broker}` lists them)")
+    return model, None
 
 
 class Actuator:
@@ -115,15 +95,17 @@ class Actuator:
         elif config.strategy == "ensemble":
             merge = partial(merge, m=config.ensemble_m)
         self.merge = merge
-        sources = [config.arm] + [config.camera_nodes.get(c, f"camera_{c}") for c in config.cameras]
-        topics = ["state"] + [f"camera/{c}" for c in config.cameras]
+        sources = [config.arm] + [config.camera_nodes.get(c, camera_node(c)) for c in config.cameras]
+        topics = [STATE] + [camera_topic(c) for c in config.cameras]
         self.inputs = Subscriber(sources, topics)
         # What each input is, for the warning when it falls silent.
-        self.input_names = {topic: f"{'state from the arm' if topic == 'state' else f'frames from {topic}'} at {where}"
+        self.input_names = {topic: f"{'state from the arm' if topic == STATE else f'frames from {topic}'} at {where}"
                             for topic, where in zip(topics, self.inputs.endpoints)}
         self.publisher = Publisher(config.name)
         self.client = BrokerClient(config.broker, connect_timeout=0.0)
-        self.model = ModelWatch(config.broker, config.service)
+        self.model: ModelDescription | None = None  # the service's, from the broker (mmi.model)
+        self.unfit: str | None = None  # why a model that came later does not fit this robot
+        self.refreshing = threading.Event()  # asking the broker for the model again
         self.stop_event = threading.Event()
         self.schedule: stitching.Schedule | None = None
         self.history: deque[Observation] = deque(maxlen=64)
@@ -157,7 +139,6 @@ class Actuator:
                 return
             self.loop()
         finally:
-            self.model.stop()
             self.client.close()
             self.inputs.close()
             self.publisher.close()
@@ -173,25 +154,27 @@ class Actuator:
         start = time.monotonic()
         while not self.stop_event.wait(0.05):
             now = time.monotonic()
-            state = self.inputs.latest("state")
-            if self.model.model is not None and state is not None:
-                self.check(self.model.model, state.message)
+            problem = None
+            if self.model is None:
+                self.model, problem = ask_model(self.client, self.config.service)
+            state = self.inputs.latest(STATE)
+            if self.model is not None and state is not None:
+                self.check(self.model, state.message)
                 return True
             if now - start < FIRST_WARNING:
                 continue
-            if self.model.model is None:
-                self.warn("model", f"waiting: {self.model.problem}", now)
+            if problem is not None:
+                self.warn("model", f"waiting: {problem}", now)
             if state is None:
-                self.warn("state", f"waiting: no {self.input_names['state']}: is `chunkbus arm` running, and is "
+                self.warn(STATE, f"waiting: no {self.input_names[STATE]}: is `chunkbus arm` running, and is "
                           "--arm its node name?", now)
         return False
 
-    def check(self, model: dict, state) -> None:
+    def check(self, model: ModelDescription, state) -> None:
         """Raise SetupError naming every way the model and this robot do not fit."""
         service, arm = self.config.service, self.config.arm
-        inputs = model.get("inputs") or {}
         problems = []
-        wanted = [key for key, feature in inputs.items() if feature.get("type") == "VISUAL"]
+        wanted = model.camera_inputs()
         given = set(self.config.cameras.values())
         for key in wanted:
             if key not in given:
@@ -202,19 +185,33 @@ class Actuator:
             self.log.warning("cameras the model does not use are not sent", unused=unused, model_inputs=wanted)
             self.config.cameras = {name: key for name, key in self.config.cameras.items() if key in wanted}
         joints = len(state.names)
-        for key, feature in inputs.items():
-            if feature.get("type") == "STATE" and feature.get("shape") and feature["shape"][0] != joints:
-                problems.append(f"the model's {key} has {feature['shape'][0]} values, but the arm {arm!r} publishes "
-                                f"{joints} joints ({', '.join(state.names)}): serve a policy trained on this arm, "
-                                "or point --arm at the arm it was trained on")
-        actions = model.get("action_size")
-        if actions is not None and actions != joints:
-            problems.append(f"the model's actions have {actions} values, but the arm {arm!r} has {joints} joints "
-                            f"({', '.join(state.names)}): serve a policy trained on this arm, or point --arm at the "
-                            "arm it was trained on")
+        if (size := model.state_size()) is not None and size != joints:
+            problems.append(f"the model's state has {size} values, but the arm {arm!r} publishes "
+                            f"{joints} joints ({', '.join(state.names)}): serve a policy trained on this arm, "
+                            "or point --arm at the arm it was trained on")
+        if model.action_size != joints:
+            problems.append(f"the model's actions have {model.action_size} values, but the arm {arm!r} has {joints} "
+                            f"joints ({', '.join(state.names)}): serve a policy trained on this arm, or point --arm at "
+                            "the arm it was trained on")
         if problems:
-            raise SetupError(f"service {service!r} ({model.get('type', 'unknown model')}) does not fit this robot: "
-                             + "; ".join(problems))
+            raise SetupError(f"service {service!r} ({model.type}) does not fit this robot: " + "; ".join(problems))
+
+    def refresh_model(self, state) -> None:
+        """A chunk came from another model than the one checked (a worker came or went): ask
+        the broker again, off the control loop, and stop asking for chunks if it does not fit."""
+        with BrokerClient(self.config.broker, connect_timeout=1.0) as client:
+            model, problem = ask_model(client, self.config.service)
+        if model is None:
+            self.refreshing.clear()
+            return self.log.warning("could not ask the broker for the service's new model", why=problem)
+        try:
+            self.check(model, state)
+            self.unfit = None
+        except SetupError as exc:
+            self.unfit = str(exc)
+        self.model = model
+        self.refreshing.clear()
+        self.log.info("the service serves another model now", model=model.name, fits=self.unfit is None)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -222,8 +219,8 @@ class Actuator:
         ticker = Ticker(self.config.fps)
         self.loop_start = time.monotonic()
         next_stats = self.loop_start + 1.0
-        self.log.info("actuator ready", service=self.config.service, broker=self.config.broker,
-                      fps=self.config.fps, strategy=self.config.strategy)
+        announce_ready(self.log, "actuator", service=self.config.service, broker=self.config.broker,
+                       fps=self.config.fps, strategy=self.config.strategy)
         seq = 0
         while not self.stop_event.is_set():
             tick = ticker.wait()
@@ -259,6 +256,9 @@ class Actuator:
             self.accept(message, tick)
 
     def accept(self, chunk: ActionChunk, tick: int) -> None:
+        if chunk.model != self.model.name and not self.refreshing.is_set() and (state := self.inputs.latest(STATE)):
+            self.refreshing.set()
+            threading.Thread(target=self.refresh_model, args=(state.message,), daemon=True).start()
         actions = chunk.actions
         if self.names and actions.shape[1] != len(self.names):
             self.counts["chunks_discarded"] += 1
@@ -287,16 +287,16 @@ class Actuator:
         else:
             return False  # nothing to command yet: the arm holds by itself
         self.publisher.publish(
-            "command",
+            COMMAND,
             Command(seq, tick, now, self.names, self.last_command.astype(np.float32), hold=action is None),
         )
         self.counts["commands"] += 1
         return True
 
     def observe(self, tick: int, now: float) -> None:
-        state = self.inputs.latest("state")
-        frames = {c: self.inputs.latest(f"camera/{c}") for c in self.config.cameras}
-        newest = {"state": state, **{f"camera/{c}": r for c, r in frames.items()}}
+        state = self.inputs.latest(STATE)
+        frames = {c: self.inputs.latest(camera_topic(c)) for c in self.config.cameras}
+        newest = {STATE: state, **{camera_topic(c): r for c, r in frames.items()}}
         missing = [topic for topic, r in newest.items() if r is None or r.age > self.config.max_obs_age]
         if missing:
             self.counts["stale_obs"] += 1
@@ -319,10 +319,12 @@ class Actuator:
             self.outstanding = None
         if now < self.paused_until:
             return
+        if self.unfit is not None:
+            return self.warn("unfit", f"not asking for chunks: {self.unfit}", now, error=True)
         left = self.schedule.remaining(tick + 1) if self.schedule is not None else 0
         if left > self.expected_delay + self.config.margin_ticks:
             return
-        steps = self.config.n_obs_steps or int((self.model.model or {}).get("n_obs_steps") or 1)
+        steps = self.config.n_obs_steps or self.model.n_obs_steps
         if len(self.history) < steps or self.history[-1].tick != tick:
             return
         request = ObservationRequest(
@@ -363,11 +365,9 @@ class Actuator:
             "rtt_p95_ms": float(np.percentile(rtt, 95)),
             **{k: float(v) for k, v in self.counts.items()},
         }
-        self.publisher.publish(f"{self.config.name}/stats", Stats(self.config.name, time.monotonic(), figures))
+        self.publisher.publish(stats_topic(self.config.name), Stats(self.config.name, time.monotonic(), figures))
         self.log.info("stats", **{key: int(round(figures[key])) for key in STATS_LINE})
 
 
 def serve(config: ActuatorConfig) -> None:
-    actuator = Actuator(config)
-    on_stop_signals(actuator.stop)
-    actuator.run()
+    run_node(Actuator(config))

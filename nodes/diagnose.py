@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import click
 import numpy as np
 
 from chunkbus.bus.client import BrokerClient, BrokerUnavailable, RequestFailed, new_request_id
 from chunkbus.bus.messages import Observation, ObservationRequest
+from chunkbus.bus.records import BrokerStatus, ModelDescription, ServiceStatus
 
 
-def query_status(broker: str, timeout: float) -> dict[str, Any]:
+def query_status(broker: str, timeout: float) -> BrokerStatus:
     with BrokerClient(broker, connect_timeout=timeout) as client:
         try:
             return client.status(timeout)
@@ -27,56 +27,55 @@ def _ms(figures: dict, key: str) -> str:
     return f"{figures[key]:.1f}" if key in figures else "-"
 
 
-def format_status(status: dict[str, Any]) -> str:
-    lines = [f"broker up {status['uptime_s']:.0f} s, frontend {status['frontend']}, backend {status['backend']}"]
+def format_status(status: BrokerStatus) -> str:
+    lines = [f"broker up {status.uptime_s:.0f} s, frontend {status.frontend}, backend {status.backend}"]
     header = f"{'service':24} {'workers':>7} {'capacity':>8} {'queued':>6} {'running':>7} {'ok':>7} {'errors':>6} {'wait p50/p99 ms':>16} {'service p50/p99 ms':>19}"
     lines += ["", header, "-" * len(header)]
-    for name, s in sorted(status["services"].items()):
-        errors = sum(count for outcome, count in s["outcomes"].items() if outcome != "ok")
-        wait, serve = s["queue_wait_ms"], s["service_ms"]
+    for name, s in sorted(status.services.items()):
+        errors = sum(count for outcome, count in s.outcomes.items() if outcome != "ok")
+        wait, serve = s.queue_wait_ms, s.service_ms
         lines.append(
-            f"{name:24} {s['workers']:>7} {s['capacity']:>8} {s['queued']:>6} {s['running']:>7} "
-            f"{s['outcomes']['ok']:>7} {errors:>6} "
+            f"{name:24} {s.workers:>7} {s.capacity:>8} {s.queued:>6} {s.running:>7} "
+            f"{s.outcomes.get('ok', 0):>7} {errors:>6} "
             f"{_ms(wait, 'p50') + '/' + _ms(wait, 'p99'):>16} {_ms(serve, 'p50') + '/' + _ms(serve, 'p99'):>19}"
         )
-    if not status["services"]:
+    if not status.services:
         lines.append("(no services: no worker has registered yet)")
     lines += ["", f"{'worker':32} {'service':24} {'capacity':>8} {'running':>7}"]
-    for w in status["workers"]:
-        lines.append(f"{w['name']:32} {w['service']:24} {w['capacity']:>8} {w['running']:>7}")
-    counters = status.get("counters", {})
-    if any(counters.values()):
-        lines += ["", "events: " + ", ".join(f"{k} {v}" for k, v in counters.items())]
+    for w in status.workers:
+        lines.append(f"{w.name:32} {w.service:24} {w.capacity:>8} {w.running:>7}")
+    if any(status.counters.values()):
+        lines += ["", "events: " + ", ".join(f"{k} {v}" for k, v in status.counters.items())]
     return "\n".join(lines)
 
 
-def synthetic_request(model: dict[str, Any], robot_id: str, tick: int) -> ObservationRequest:
-    """An observation shaped as the model's description says (zeros and a grey image)."""
+def synthetic_request(model: ModelDescription | None, robot_id: str, tick: int) -> ObservationRequest:
+    """An observation shaped as the model's description says (zeros and a grey image); for a
+    plain MDP worker, which describes no model, an empty one."""
     images, state = {}, np.zeros(0, np.float32)
-    for key, feature in model.get("inputs", {}).items():
-        shape = feature["shape"]
-        if feature["type"] == "VISUAL":
-            channels, height, width = shape
+    for key, feature in (model.inputs if model else {}).items():
+        if feature.type == "VISUAL":
+            channels, height, width = feature.shape
             images[key] = np.full((height, width, channels), 128, np.uint8)
-        elif feature["type"] == "STATE":
-            state = np.zeros(shape, np.float32)
+        elif feature.type == "STATE":
+            state = np.zeros(feature.shape, np.float32)
     now = time.monotonic()
     history = [
         Observation(tick=tick - steps, time=now, state=state, images=images)
-        for steps in reversed(range(int(model.get("n_obs_steps") or 1)))
+        for steps in reversed(range(model.n_obs_steps if model else 1))
     ]
     return ObservationRequest(
         robot_id=robot_id,
         request_id=new_request_id(robot_id),
         tick=tick,
-        fps=float(model.get("fps") or 30.0),
+        fps=float(model.fps or 30.0) if model else 30.0,
         send_time=now,
         task="chunkbus ping",
         observations=history,
     )
 
 
-def pick_service(broker: str, known: dict[str, Any]) -> str:
+def pick_service(broker: str, known: dict[str, ServiceStatus]) -> str:
     """The broker's only service; a ClickException naming them when there are none or several."""
     if len(known) == 1:
         return next(iter(known))
@@ -94,7 +93,7 @@ def pick_service(broker: str, known: dict[str, Any]) -> str:
 def ping(broker: str, service: str | None, count: int, timeout: float) -> None:
     """Ping `service`, or the broker's only service when `service` is None."""
     status = query_status(broker, min(timeout, 5.0))
-    known = status["services"]
+    known = status.services
     if service is None:
         service = pick_service(broker, known)
     if service not in known:
@@ -103,12 +102,12 @@ def ping(broker: str, service: str | None, count: int, timeout: float) -> None:
             f"the broker at {broker} has no service {service!r} (services: {names}); "
             f"start a worker with `chunkbus worker --service {service} ...`"
         )
-    if known[service]["workers"] == 0:
+    if known[service].workers == 0:
         raise click.ClickException(
             f"service {service!r} is known, but no worker is up: check the workers' logs"
         )
-    model = known[service]["model"]
-    click.echo(f"service {service}: model {model.get('type', '?')}, {known[service]['workers']} worker(s)")
+    model = known[service].model
+    click.echo(f"service {service}: model {model.type if model else '?'}, {known[service].workers} worker(s)")
     latencies, shape = [], None
     with BrokerClient(broker) as client:
         for tick in range(count):

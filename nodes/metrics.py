@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-Snapshot = Callable[[], dict[str, Any]]
+from chunkbus.bus.records import BrokerStatus
+
+Snapshot = Callable[[], BrokerStatus]
 
 
 class BrokerCollector:
@@ -23,7 +25,6 @@ class BrokerCollector:
 
     def collect(self):
         status = self.snapshot()
-        services = status.get("services", {})
         gauges = {
             name: GaugeMetricFamily(f"chunkbus_{name}", text, labels=["service"])
             for name, text in [
@@ -41,24 +42,25 @@ class BrokerCollector:
             "Latency percentiles of recent requests: queue wait and service time",
             labels=["service", "stage", "quantile"],
         )
-        for service, figures in services.items():
-            for name in ("queued", "running", "workers", "capacity"):
-                key = f"{name}_requests" if name in ("queued", "running") else name
-                gauges[key].add_metric([service], figures[name])
-            for outcome, count in figures["outcomes"].items():
+        for service, figures in status.services.items():
+            gauges["queued_requests"].add_metric([service], figures.queued)
+            gauges["running_requests"].add_metric([service], figures.running)
+            gauges["workers"].add_metric([service], figures.workers)
+            gauges["capacity"].add_metric([service], figures.capacity)
+            for outcome, count in figures.outcomes.items():
                 outcomes.add_metric([service, outcome], count)
-            for stage in ("queue_wait", "service"):
-                for quantile, value in figures[f"{stage}_ms"].items():
+            for stage, percentiles in (("queue_wait", figures.queue_wait_ms), ("service", figures.service_ms)):
+                for quantile, value in percentiles.items():
                     if quantile.startswith("p"):
                         latency.add_metric([service, stage, f"0.{quantile[1:]}"], value / 1000)
         counters = CounterMetricFamily(
             "chunkbus_broker_events", "Malformed messages dropped and late replies discarded",
             labels=["event"],
         )
-        for name, count in status.get("counters", {}).items():
+        for name, count in status.counters.items():
             counters.add_metric([name], count)
         uptime = GaugeMetricFamily("chunkbus_broker_uptime_seconds", "Seconds since start")
-        uptime.add_metric([], status.get("uptime_s", 0.0))
+        uptime.add_metric([], status.uptime_s)
         yield from (*gauges.values(), outcomes, latency, counters, uptime)
 
 
@@ -76,9 +78,9 @@ def start_metrics_server(snapshot: Snapshot, port: int, host: str = "0.0.0.0") -
                 body = json.dumps(
                     {
                         "status": "ok",
-                        "uptime_s": status.get("uptime_s"),
-                        "workers": len(status.get("workers", [])),
-                        "services": sorted(status.get("services", {})),
+                        "uptime_s": status.uptime_s,
+                        "workers": len(status.workers),
+                        "services": sorted(status.services),
                     }
                 ).encode()
                 kind = "application/json"

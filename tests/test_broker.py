@@ -62,7 +62,8 @@ def client(broker):
 
 
 def registered(client: BrokerClient, service: str, workers: int = 1) -> bool:
-    return client.status()["services"].get(service, {}).get("workers") == workers
+    service_status = client.status().services.get(service)
+    return (service_status.workers if service_status else None) == workers
 
 
 def test_priority_first_then_fifo(broker, client):
@@ -72,7 +73,7 @@ def test_priority_first_then_fifo(broker, client):
     assert [request_id_of(b) for b in worker.receive()] == ["busy"]
     for name, priority in [("b0", 0), ("c5", 5), ("d0", 0), ("e5", 5), ("f9", 9)]:
         client.send("svc", request(name, priority=priority))
-    wait_for(lambda: client.status()["services"]["svc"]["queued"] == 5, what="five queued")
+    wait_for(lambda: client.status().services["svc"].queued == 5, what="five queued")
     order = []
     for _ in range(6):
         worker.answer()
@@ -137,8 +138,8 @@ def test_capacity_and_least_recently_used_balancing(broker, client):
     # Most free capacity first, least recently used among equals: w3 w2 w3 w1 w2 w3.
     held = [[request_id_of(b) for b in w.receive(count=c, timeout=3)] for w, c in zip(workers, (1, 2, 3))]
     assert held == [["r3"], ["r1", "r4"], ["r0", "r2", "r5"]]
-    status = client.status()["services"]["svc"]
-    assert (status["queued"], status["running"], status["capacity"]) == (1, 6, 6)
+    status = client.status().services["svc"]
+    assert (status.queued, status.running, status.capacity) == (1, 6, 6)
     for w in workers:
         assert w.receive(timeout=0.3) == []  # nobody is given more than its capacity
     workers[1].answer()
@@ -193,7 +194,7 @@ def test_a_dead_worker_is_noticed_and_its_requests_run_elsewhere(broker, client)
     assert set(answers(client, 1)) == {"stranded"}
     silent.answer()  # the late reply from the dropped worker is discarded, not delivered
     assert client.receive(0.5) is None
-    assert wait_for(lambda: client.status()["counters"]["late_replies"] == 1, what="late reply count")
+    assert wait_for(lambda: client.status().counters["late_replies"] == 1, what="late reply count")
     silent.close()
     healthy.close()
 
@@ -265,7 +266,7 @@ def test_garbage_on_both_sockets_leaves_the_broker_serving(broker, client, proce
         s.send_multipart(frames or [b""])
     assert isinstance(client.request("svc", request("valid"), timeout=10), ActionChunk)
     status = client.status()
-    assert status["counters"]["malformed_frontend"] > 0 and status["counters"]["malformed_backend"] > 0
+    assert status.counters["malformed_frontend"] > 0 and status.counters["malformed_backend"] > 0
     assert broker.process.poll() is None
     for s in sockets:
         s.close(linger=0)
@@ -371,6 +372,19 @@ def test_worker_errors_are_counted_apart(broker, client):
     worker.receive()
     worker.answer()  # echoes the request: a chunkbus message that is not an error
     assert set(answers(client, 1)) == {"good"}
-    outcomes = client.status()["services"]["svc"]["outcomes"]
+    outcomes = client.status().services["svc"].outcomes
     assert (outcomes["worker_error"], outcomes["ok"]) == (1, 1)
     worker.close()
+
+
+def test_mmi_model_says_what_a_service_serves(broker, client, processes):
+    assert client.model("svc") is None  # no worker yet
+    plain = RawWorker(broker.backend, "plain")  # an RFC 7 worker describes no model
+    wait_for(lambda: registered(client, "plain"), what="the plain worker")
+    assert client.model("plain") is None
+    plain.close()
+    start_worker(processes, broker.backend, "scripted:sine?actions=4&chunk=7", "--service", "svc")
+    model = wait_for(lambda: client.model("svc"), what="the worker's READY at the broker")
+    assert (model.type, model.name, model.action_size, model.chunk_size, model.scripted) == (
+        "scripted:sine", "scripted:sine", 4, 7, True)
+    assert client.status().services["svc"].model.to_wire() == model.to_wire()

@@ -12,14 +12,8 @@ import pytest
 from chunkbus.bus import Command
 from chunkbus.bus.sockets import Publisher, Subscriber
 from chunkbus.nodes.camera import synthetic_seq
-from chunkbus.nodes.policies import ScriptedPolicy
+from chunkbus.nodes.policies.scripted import ScriptedPolicy
 from mdp_peers import CHUNKBUS, kill, start_broker, start_worker, wait_for
-
-
-def start_node(processes, ready: str, *args: str):
-    process = processes.start(CHUNKBUS, "--log-json", *args, script=True)
-    processes.wait_log(process, f'"{ready}"', timeout=60)
-    return process
 
 
 def collect(endpoints, topics, seconds: float) -> list:
@@ -33,7 +27,7 @@ def collect(endpoints, topics, seconds: float) -> list:
 
 
 def test_synthetic_camera_publishes_numbered_frames_at_its_rate(runtime_dir, processes):
-    start_node(processes, "camera ready", "camera", "--name", "front", "--fps", "20", "--width", "64", "--height", "48")
+    processes.start_node("camera", "--name", "front", "--fps", "20", "--width", "64", "--height", "48")
     frames = [r.message for r in collect(["camera_front"], ["camera/front"], 2.0)]
     assert len(frames) >= 20
     for frame in frames:
@@ -51,8 +45,8 @@ def test_video_file_camera_loops_at_its_rate_as_jpeg(runtime_dir, processes, tmp
     for colour in colours:
         writer.write(np.full((48, 64, 3), colour, np.uint8))
     writer.release()
-    start_node(processes, "camera ready", "camera", "--name", "clip", "--source", str(path), "--fps", "15",
-               "--encoding", "jpeg")
+    processes.start_node("camera", "--name", "clip", "--source", str(path), "--fps", "15",
+                         "--encoding", "jpeg")
     frames = [r.message for r in collect(["camera_clip"], ["camera/clip"], 1.5)]
     assert len(frames) >= 9
     dominant = [int(np.argmax(f.image.decode().reshape(-1, 3).mean(axis=0))) for f in frames]  # 0 R, 1 G, 2 B
@@ -77,7 +71,7 @@ JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex
 
 
 def test_sim_arm_clamps_unsafe_commands_and_holds_when_they_stop(runtime_dir, processes):
-    arm = start_node(processes, "arm ready", "arm", "--rate", "50", "--max-step", "5", "--hold-after", "0.3")
+    arm = processes.start_node("arm", "--rate", "50", "--max-step", "5", "--hold-after", "0.3")
     with Publisher("actuator") as publisher, Subscriber(["arm"], ["state"]) as states:
         states.wait("state", timeout=10)
         # 150 is past every limit; the arm may move at most 5 per command towards it.
@@ -107,10 +101,10 @@ def test_sim_arm_clamps_unsafe_commands_and_holds_when_they_stop(runtime_dir, pr
 def robot(processes, runtime_dir, delay: str = "0.05-0.3", strategy: str = "replace"):
     broker = start_broker(processes)
     start_worker(processes, broker.backend, f"scripted:sine?chunk=50&delay={delay}&seed=3", "--service", "sine")
-    start_node(processes, "arm ready", "arm", "--max-step", "100")
-    start_node(processes, "camera ready", "camera", "--name", "front", "--fps", "30", "--width", "64", "--height", "48")
-    actuator = start_node(processes, "actuator ready", "actuator", "--broker", broker.frontend, "--service", "sine",
-                          "--camera", "front", "--fps", "30", "--strategy", strategy, "--ttl", "1.0")
+    processes.start_node("arm", "--max-step", "100")
+    processes.start_node("camera", "--name", "front", "--fps", "30", "--width", "64", "--height", "48")
+    actuator = processes.start_node("actuator", "--broker", broker.frontend, "--service", "sine",
+                                    "--camera", "front", "--fps", "30", "--strategy", strategy, "--ttl", "1.0")
     return broker, actuator
 
 
@@ -222,7 +216,7 @@ def test_an_arm_that_does_not_fit_the_model_is_one_error_and_no_request(runtime_
 
     broker = start_broker(processes)
     start_worker(processes, broker.backend, "scripted:sine?actions=7", "--service", "seven")
-    start_node(processes, "arm ready", "arm")
+    processes.start_node("arm")
     actuator = processes.start(CHUNKBUS, "--log-json", "actuator", "--broker", broker.frontend,
                                "--service", "seven", script=True)
     assert actuator.wait(timeout=60) == EXIT_PERMANENT
@@ -231,7 +225,7 @@ def test_an_arm_that_does_not_fit_the_model_is_one_error_and_no_request(runtime_
     assert log.count("the model's actions have 7 values, but the arm 'arm' has 6 joints") == 1, log
     assert "serve a policy trained on this arm" in log and "Traceback" not in log
     with BrokerClient(broker.frontend) as client:
-        outcomes = client.status()["services"]["seven"]["outcomes"]
+        outcomes = client.status().services["seven"].outcomes
     assert sum(outcomes.values()) == 0, f"the actuator sent requests: {outcomes}"
 
 
@@ -241,7 +235,7 @@ def test_a_model_camera_no_camera_option_gives_is_named_with_the_fix(runtime_dir
     checkpoint = save_tiny_policy("act", tmp_path / "act")  # cameras front and wrist
     broker = start_broker(processes)
     start_worker(processes, broker.backend, str(checkpoint))
-    start_node(processes, "arm ready", "arm")
+    processes.start_node("arm")
     result = subprocess.run([CHUNKBUS, "actuator", "--broker", broker.frontend, "--service", "act",
                              "--camera", "front", "--camera", "top"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 78, result.stderr
@@ -269,8 +263,22 @@ def test_a_silent_broker_and_a_missing_arm_are_named_within_seconds_and_not_repe
 def test_a_silent_camera_is_named(runtime_dir, processes):
     broker = start_broker(processes)
     start_worker(processes, broker.backend, "scripted:sine", "--service", "sine")
-    start_node(processes, "arm ready", "arm")
-    actuator = start_node(processes, "actuator ready", "actuator", "--broker", broker.frontend, "--service", "sine",
-                          "--camera", "front")
+    processes.start_node("arm")
+    actuator = processes.start_node("actuator", "--broker", broker.frontend, "--service", "sine",
+                                    "--camera", "front")
     line = processes.wait_log(actuator, "no frames from camera/front at ipc://", timeout=20)
     assert "camera_front.pub" in line and "--max-obs-age" in line
+
+
+def test_a_model_that_comes_later_and_does_not_fit_stops_the_requests(runtime_dir, processes):
+    broker = start_broker(processes)
+    first = start_worker(processes, broker.backend, "scripted:sine?delay=0.02", "--service", "arm6")
+    processes.start_node("arm")
+    actuator = processes.start_node("actuator", "--broker", broker.frontend, "--service", "arm6")
+    processes.wait_log(actuator, '"stats"')
+    kill(first)  # replaced by a worker of another model, whose actions do not fit the arm
+    start_worker(processes, broker.backend, "scripted:constant?actions=7", "--service", "arm6")
+    line = processes.wait_log(actuator, "not asking for chunks: service 'arm6' (scripted:constant) does not fit",
+                              timeout=30)
+    assert "the model's actions have 7 values" in line
+    processes.wait_log(actuator, "the service serves another model now")

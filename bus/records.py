@@ -1,0 +1,123 @@
+"""Records that travel inside other frames: the model a worker serves (in its READY, and
+from the broker's mmi.model) and the broker's status (mmi.status, /metrics).
+
+Like the messages, they are checked field by field on the way out (to_wire) and on the
+way in (from_wire), so every reader can rely on the keys and types written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from chunkbus.bus.messages import (
+    NAME,
+    Record,
+    boolean,
+    dict_of,
+    integer,
+    list_of,
+    number,
+    optional,
+    record,
+    text,
+)
+
+
+@dataclass(eq=False)
+class Feature(Record):
+    """One input of a policy, as lerobot describes it: VISUAL (C, H, W), STATE (n,), ..."""
+
+    type: str
+    shape: list[int]
+    SCHEMA: ClassVar = {"type": text(NAME), "shape": list_of(integer(0), max_items=8)}
+
+
+@dataclass(eq=False)
+class ModelDescription(Record):
+    """What a worker serves, in the robot's terms: what to send it and what comes back."""
+
+    type: str  # the policy type: act, diffusion, ..., or scripted:sine
+    name: str  # this policy, e.g. act:my_checkpoint; it names every chunk it answers
+    inputs: dict[str, Feature]  # feature key (observation.images.front, ...) -> feature
+    action_size: int
+    chunk_size: int
+    n_obs_steps: int = 1  # observations per request, newest last
+    fps: float | None = None  # the rate it was trained at, where known
+    device: str = ""
+    scripted: bool = False  # a deterministic trajectory for tests, not a model
+    SCHEMA: ClassVar = {
+        "type": text(NAME),
+        "name": text(),
+        "inputs": dict_of(record(Feature), max_items=64),
+        "action_size": integer(1),
+        "chunk_size": integer(1),
+        "n_obs_steps": integer(1),
+        "fps": optional(number(minimum=0.0)),
+        "device": text(),
+        "scripted": boolean(),
+    }
+
+    def camera_inputs(self) -> list[str]:
+        return [key for key, feature in self.inputs.items() if feature.type == "VISUAL"]
+
+    def state_size(self) -> int | None:
+        return next((f.shape[0] for f in self.inputs.values() if f.type == "STATE" and f.shape), None)
+
+
+@dataclass(eq=False)
+class ServiceStatus(Record):
+    workers: int
+    capacity: int  # requests its workers may hold at once
+    queued: int
+    running: int
+    outcomes: dict[str, int]  # answers given so far, by code: ok, expired, failed, ...
+    queue_wait_ms: dict[str, float]  # percentiles of recent requests: p50, p95, p99, n
+    service_ms: dict[str, float]
+    model: ModelDescription | None = None  # of its newest worker
+    SCHEMA: ClassVar = {
+        "workers": integer(0),
+        "capacity": integer(0),
+        "queued": integer(0),
+        "running": integer(0),
+        "outcomes": dict_of(integer(0)),
+        "queue_wait_ms": dict_of(number()),
+        "service_ms": dict_of(number()),
+        "model": optional(record(ModelDescription)),
+    }
+
+
+@dataclass(eq=False)
+class WorkerStatus(Record):
+    name: str
+    service: str
+    capacity: int
+    running: int
+    idle_s: float | None = None  # since its last request; None before the first
+    SCHEMA: ClassVar = {
+        "name": text(),
+        "service": text(),
+        "capacity": integer(0),
+        "running": integer(0),
+        "idle_s": optional(number()),
+    }
+
+
+@dataclass(eq=False)
+class BrokerStatus(Record):
+    """What `chunkbus status` prints and /metrics exports."""
+
+    uptime_s: float
+    frontend: str
+    backend: str
+    services: dict[str, ServiceStatus] = field(default_factory=dict)
+    workers: list[WorkerStatus] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)  # malformed messages, late replies
+    SCHEMA: ClassVar = {
+        "uptime_s": number(),
+        "frontend": text(),
+        "backend": text(),
+        "services": dict_of(record(ServiceStatus), max_items=1024),
+        "workers": list_of(record(WorkerStatus), max_items=4096),
+        "counters": dict_of(integer(0)),
+    }

@@ -1,0 +1,126 @@
+"""The worker's side of the broker protocol (as mdwrkapi.py is in the ZeroMQ guide).
+
+A WorkerLink runs in a thread of its own and owns the DEALER socket: it registers
+(READY), sends and answers heartbeats, passes requests on, sends replies, and when the
+broker falls silent it closes the socket, opens a new one and registers again (ZeroMQ's
+reconnect alone would not re-register). The thread that runs the model talks to it
+through a PAIR pipe, so a long inference never looks like a dead worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmq
+
+from chunkbus.bus import mdp
+from chunkbus.bus.log import get_logger
+from chunkbus.bus.messages import MessageError
+from chunkbus.bus.sockets import drain
+
+_PIPE = "inproc://chunkbus-worker-{}"
+
+
+class WorkerLink:
+    """The broker connection, run in its own thread. Talk to it through pipe()."""
+
+    def __init__(
+        self,
+        broker: str,
+        service: str,
+        info: mdp.WorkerInfo,
+        *,
+        context: zmq.Context | None = None,
+        heartbeat_interval: float = mdp.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = mdp.HEARTBEAT_LIVENESS,
+    ):
+        self.broker, self.service, self.info = broker, service, info
+        self.context = context or zmq.Context.instance()
+        self.interval, self.liveness = heartbeat_interval, heartbeat_liveness
+        self.log = get_logger(component="link")
+        self.endpoint = _PIPE.format(id(self))
+        self.registrations = 0
+        self._stop = threading.Event()
+        inner = self.context.socket(zmq.PAIR)
+        inner.bind(self.endpoint)
+        self._inner = inner
+        self._thread = threading.Thread(target=self._run, name="chunkbus-link", daemon=True)
+
+    def pipe(self) -> zmq.Socket:
+        """The main thread's end: receives [ticket, *body]; send [ticket, *reply body]."""
+        outer = self.context.socket(zmq.PAIR)
+        outer.connect(self.endpoint)
+        self._thread.start()
+        return outer
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _connect(self) -> zmq.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.broker)
+        socket.send_multipart(mdp.worker_to_broker(mdp.READY, service=self.service, info=self.info))
+        self.registrations += 1
+        return socket
+
+    def _run(self) -> None:
+        socket = self._connect()
+        poller = zmq.Poller()
+        poller.register(self._inner, zmq.POLLIN)
+        poller.register(socket, zmq.POLLIN)
+        heard = time.monotonic()
+        next_heartbeat = heard + self.interval
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(self.interval * 1000 / 2))
+                now = time.monotonic()
+                if socket in events:
+                    for frames in drain(socket):
+                        heard = now
+                        if self._on_broker(frames) == "reconnect":
+                            heard = 0.0  # start a new session below
+                            break
+                if self._inner in events:
+                    for ticket, *body in drain(self._inner):
+                        reply = mdp.worker_to_broker(mdp.REPLY, ticket=ticket, body=body)
+                        socket.send_multipart(reply, copy=False)
+                if now - heard > self.interval * self.liveness:
+                    if heard:
+                        self.log.warning(
+                            "broker silent: registering again", broker=self.broker,
+                            silent_s=round(now - heard, 2),
+                        )
+                    poller.unregister(socket)
+                    socket.close(linger=0)
+                    socket = self._connect()
+                    poller.register(socket, zmq.POLLIN)
+                    heard = now
+                if now >= next_heartbeat:
+                    socket.send_multipart(mdp.worker_to_broker(mdp.HEARTBEAT))
+                    next_heartbeat = now + self.interval
+        finally:
+            try:
+                socket.send_multipart(mdp.worker_to_broker(mdp.DISCONNECT), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            socket.close(linger=100)
+            self._inner.close(linger=0)
+
+    def _on_broker(self, frames: list) -> str | None:
+        try:
+            message = mdp.parse_broker_to_worker(frames)
+        except MessageError as exc:
+            self.log.warning(
+                "dropped a malformed message from the broker", why=str(exc), frames=len(frames)
+            )
+            return None
+        if message.command == mdp.REQUEST:
+            # Even a request without a body is passed on: it must get an (error) answer.
+            self._inner.send_multipart([message.ticket, *message.body], copy=False)
+        elif message.command == mdp.DISCONNECT:
+            self.log.warning("the broker asked this worker to register again")
+            return "reconnect"
+        return None
