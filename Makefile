@@ -8,6 +8,7 @@ INSTALLED := $(VENV)/.installed
 .PHONY: test demo bench venv clean
 
 test: $(INSTALLED)
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole system on this machine until Ctrl-C; POLICY=/path/to/checkpoint serves your own.

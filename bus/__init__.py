@@ -1,7 +1,7 @@
 """chunkbus.bus: messages and their codec, sockets and endpoints, the ticker, logging."""
 
-from chunkbus.bus.codec import PROTOCOL_VERSION, decode, decode_header, encode
-from chunkbus.bus.messages import (
+from .codec import PROTOCOL_VERSION, decode, decode_header, encode
+from .messages import (
     ActionChunk,
     ArmState,
     CameraFrame,

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import msgpack
 import zmq
 
-from chunkbus.bus import mdp
-from chunkbus.bus.codec import decode, encode
-from chunkbus.bus.messages import ErrorReply, Message, MessageError
-from chunkbus.bus.records import BrokerStatus, ModelDescription
+from . import mdp
+from .codec import decode, encode
+from .messages import ErrorReply, Message, MessageError
+from .records import BrokerStatus, ModelDescription
 
 _ids = itertools.count(1)
 

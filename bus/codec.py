@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import msgpack_numpy
 import numpy as np
 
-from chunkbus.bus.messages import MESSAGE_TYPES, JpegImage, Message, MessageError, Record
+from .messages import MESSAGE_TYPES, JpegImage, Message, MessageError, Record
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # default limit of one message, all frames together
@@ -230,7 +231,7 @@ def _read_header(view: memoryview, frames: list[memoryview] | None) -> tuple[Hea
     except MessageError:
         raise
     except Exception as exc:  # msgpack raises several types for garbage
-        raise MessageError(f"header is not a valid msgpack map ({exc.__class__.__name__}: {exc})")
+        raise MessageError(f"header is not a valid msgpack map ({exc.__class__.__name__}: {exc})") from None
     if len(header) != len(HEADER_KEYS):
         raise MessageError(f"header lacks {', '.join(HEADER_KEYS[len(header):])}")
     if trailing:

@@ -20,7 +20,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 # sysexits.h EX_CONFIG: the configuration is wrong (no such policy, a policy that does not
 # fit the arm). Restarting cannot help, so `launch` does not restart a node that exits so.

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from chunkbus.bus.lifecycle import OWN_LOGGER, READY
+from .lifecycle import OWN_LOGGER, READY
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 

@@ -25,14 +25,15 @@ frames that are not MDP/0.1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 
-from chunkbus.bus.codec import decode_header
-from chunkbus.bus.messages import MessageError, ObservationRequest
-from chunkbus.bus.records import ModelDescription
+from .codec import decode_header
+from .messages import MessageError, ObservationRequest
+from .records import ModelDescription
 
 CLIENT = b"MDPC01"
 WORKER = b"MDPW01"

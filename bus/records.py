@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from chunkbus.bus.messages import (
+from .messages import (
     NAME,
     Record,
     boolean,

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import zmq
 
-from chunkbus.bus.codec import MAX_MESSAGE_BYTES, decode, encode
-from chunkbus.bus.endpoints import claim, publisher_endpoint, resolve
-from chunkbus.bus.log import Every, get_logger
-from chunkbus.bus.messages import Message, MessageError
+from .codec import MAX_MESSAGE_BYTES, decode, encode
+from .endpoints import claim, publisher_endpoint, resolve
+from .log import Every, get_logger
+from .messages import Message, MessageError
 
 POLL_MS = 50  # how often a background thread checks that it should stop
 

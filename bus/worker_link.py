@@ -14,10 +14,10 @@ import time
 
 import zmq
 
-from chunkbus.bus import mdp
-from chunkbus.bus.log import get_logger
-from chunkbus.bus.messages import MessageError
-from chunkbus.bus.sockets import drain
+from . import mdp
+from .log import get_logger
+from .messages import MessageError
+from .sockets import drain
 
 _PIPE = "inproc://chunkbus-worker-{}"
 

@@ -1,1 +1,1 @@
-"""chunkbus.launch: the launch-file loader and process supervisor (the launch issue fills it)."""
+"""chunkbus.launch: launch files, the process supervisor and its output, and starting one node process."""

@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from chunkbus.launch.config import LaunchError, load, start_order
-from chunkbus.launch.output import Console
-from chunkbus.launch.supervisor import Supervisor
+from .config import LaunchError, load, start_order
+from .output import Console
+from .supervisor import Supervisor
 
 
 def launch_command(chunkbus: click.Group) -> click.Command:
@@ -22,7 +22,12 @@ def launch_command(chunkbus: click.Group) -> click.Command:
 
     @click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("file", type=click.Path(dir_okay=False))
-    @click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds [default: run until Ctrl-C].")
+    @click.option(
+        "--duration",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="Stop after this many seconds [default: run until Ctrl-C].",
+    )
     @click.option("--dry-run", is_flag=True, help="Print the processes it would start, and exit.")
     @click.option("--only", multiple=True, help="Start only this node (repeatable).")
     @click.option("--log-json", is_flag=True, help="Print the nodes' log as JSON lines, one object per line.")
@@ -36,11 +41,13 @@ def launch_command(chunkbus: click.Group) -> click.Command:
         try:
             specs = load(file, chunkbus.commands)
         except LaunchError as exc:
-            raise click.ClickException(str(exc))
+            raise click.ClickException(str(exc)) from None
         if only:
             names = {spec.name for spec in specs}
             if unknown := set(only) - names:
-                raise click.ClickException(f"--only {', '.join(sorted(unknown))}: no such node in {file} (nodes: {', '.join(names)})")
+                raise click.ClickException(
+                    f"--only {', '.join(sorted(unknown))}: no such node in {file} (nodes: {', '.join(names)})"
+                )
             specs = [spec for spec in specs if spec.name in only]
         if dry_run:
             for spec in start_order(specs):

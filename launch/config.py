@@ -65,7 +65,9 @@ def _substitute(text: str, where: str) -> str:
 def _scalar(node: yaml.Node, where: str) -> Any:
     """A scalar's value, with ${VAR} substituted, typed as YAML would type the result."""
     if not isinstance(node, yaml.ScalarNode):
-        raise LaunchError(f"{where}: expected a single value, got a {'list' if isinstance(node, yaml.SequenceNode) else 'map'}")
+        raise LaunchError(
+            f"{where}: expected a single value, got a {'list' if isinstance(node, yaml.SequenceNode) else 'map'}"
+        )
     text = _substitute(node.value, where)
     if node.style in ("'", '"'):
         return text
@@ -173,7 +175,9 @@ def load(path: str | Path, commands: dict[str, click.Command]) -> list[NodeSpec]
             node = fields["max-restarts"][1]
             value = _scalar(node, _where(path, node, f"{prefix}.max-restarts"))
             if type(value) is not int or value < 0:
-                raise LaunchError(f"{_where(path, node, f'{prefix}.max-restarts')}: expected a whole number >= 0, got {value!r}")
+                raise LaunchError(
+                    f"{_where(path, node, f'{prefix}.max-restarts')}: expected a whole number >= 0, got {value!r}"
+                )
             spec.max_restarts = value
         if "after" in fields:
             node = fields["after"][1]

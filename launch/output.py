@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from chunkbus.bus.lifecycle import READY
+from ..bus.lifecycle import READY
 
 COLOURS = [36, 32, 33, 35, 34, 91, 92, 93, 94, 95, 96]
 LEVEL_COLOURS = {"warning": 33, "error": 31, "critical": 31}

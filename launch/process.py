@@ -21,10 +21,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-from chunkbus.bus.lifecycle import is_ready
-from chunkbus.launch.output import parse
+from ..bus.lifecycle import is_ready
+from .output import parse
 
 T = TypeVar("T")
 EXIT_GRACE = 1.0  # seconds to wait for the last lines of a process that exited

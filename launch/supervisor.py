@@ -22,10 +22,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from chunkbus.bus.lifecycle import EXIT_PERMANENT, LAUNCHER_PID, is_ready, on_stop_signals
-from chunkbus.launch.config import NodeSpec, start_order
-from chunkbus.launch.output import Console
-from chunkbus.launch.process import exit_description, node_command
+from ..bus.lifecycle import EXIT_PERMANENT, LAUNCHER_PID, is_ready, on_stop_signals
+from .config import NodeSpec, start_order
+from .output import Console
+from .process import exit_description, node_command
 
 GRACE = 5.0  # seconds after each of SIGINT and SIGTERM
 
@@ -164,14 +164,18 @@ class Supervisor:
             return
         if node.restarts >= spec.max_restarts:
             node.done = True
-            self.failure = f"{spec.name} keeps failing: {how} after {node.restarts} restarts (max-restarts {spec.max_restarts})"
+            self.failure = (
+                f"{spec.name} keeps failing: {how} after {node.restarts} restarts (max-restarts {spec.max_restarts})"
+            )
             return
         if now - node.started > 60:
             node.restarts = 0  # it ran well for a while: start counting afresh
         delay = min(30.0, 2.0 ** node.restarts)
         node.restarts += 1
         node.next_start = now + delay
-        self.announce(f"{spec.name} exited ({how}); restarting in {delay:g} s (restart {node.restarts} of {spec.max_restarts})")
+        self.announce(
+            f"{spec.name} exited ({how}); restarting in {delay:g} s (restart {node.restarts} of {spec.max_restarts})"
+        )
 
     def stop_all(self) -> bool:
         """Stop every node; whether all of them stopped cleanly."""

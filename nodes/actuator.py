@@ -27,15 +27,15 @@ from functools import partial
 
 import numpy as np
 
-from chunkbus.bus.client import BrokerClient, BrokerUnavailable, new_request_id
-from chunkbus.bus.endpoints import COMMAND, STATE, camera_node, camera_topic, stats_topic
-from chunkbus.bus.lifecycle import announce_ready, run_node
-from chunkbus.bus.log import Every, get_logger
-from chunkbus.bus.messages import ActionChunk, Command, ErrorReply, Observation, ObservationRequest, Stats
-from chunkbus.bus.records import ModelDescription
-from chunkbus.bus.sockets import Publisher, Subscriber
-from chunkbus.bus.ticker import Ticker
-from chunkbus.nodes import stitching
+from ..bus.client import BrokerClient, BrokerUnavailable, new_request_id
+from ..bus.endpoints import COMMAND, STATE, camera_node, camera_topic, stats_topic
+from ..bus.lifecycle import announce_ready, run_node
+from ..bus.log import Every, get_logger
+from ..bus.messages import ActionChunk, Command, ErrorReply, Observation, ObservationRequest, Stats
+from ..bus.records import ModelDescription
+from ..bus.sockets import Publisher, Subscriber
+from ..bus.ticker import Ticker
+from . import stitching
 
 
 @dataclass

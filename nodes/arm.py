@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from chunkbus.bus.endpoints import COMMAND, STATE
-from chunkbus.bus.lifecycle import announce_ready, run_node
-from chunkbus.bus.log import Every, get_logger
-from chunkbus.bus.messages import ArmState, Command
-from chunkbus.bus.sockets import Publisher, Subscriber
-from chunkbus.bus.ticker import Ticker
+from ..bus.endpoints import COMMAND, STATE
+from ..bus.lifecycle import announce_ready, run_node
+from ..bus.log import Every, get_logger
+from ..bus.messages import ArmState, Command
+from ..bus.sockets import Publisher, Subscriber
+from ..bus.ticker import Ticker
 
 # lerobot's SO-100/101 joints, in its normalised units: -100..100, the gripper 0..100.
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")

@@ -17,16 +17,22 @@ from dataclasses import dataclass
 import msgpack
 import zmq
 
-from chunkbus.bus import mdp
-from chunkbus.bus.codec import encode, message_type
-from chunkbus.bus.endpoints import capture_topic, is_ipv6
-from chunkbus.bus.lifecycle import announce_ready, run_node
-from chunkbus.bus.log import Every, get_logger
-from chunkbus.bus.messages import ErrorReply, MessageError
-from chunkbus.bus.records import BrokerStatus
-from chunkbus.bus.sockets import Publisher, drain
-from chunkbus.nodes.broker_core import (
-    Accepted, Answer, Dispatch, Removed, Scheduler, SchedulerConfig, ToWorker,
+from ..bus import mdp
+from ..bus.codec import encode, message_type
+from ..bus.endpoints import capture_topic, is_ipv6
+from ..bus.lifecycle import announce_ready, run_node
+from ..bus.log import Every, get_logger
+from ..bus.messages import ErrorReply, MessageError
+from ..bus.records import BrokerStatus
+from ..bus.sockets import Publisher, drain
+from .broker_core import (
+    Accepted,
+    Answer,
+    Dispatch,
+    Removed,
+    Scheduler,
+    SchedulerConfig,
+    ToWorker,
 )
 
 
@@ -210,7 +216,7 @@ def serve(config: BrokerConfig, metrics_port: int | None = None) -> None:
     """Run a broker in this process until SIGINT, SIGTERM or SIGHUP."""
     broker = Broker(config)
     if metrics_port is not None:
-        from chunkbus.nodes.metrics import start_metrics_server
+        from .metrics import start_metrics_server
 
         address = start_metrics_server(lambda: broker.snapshot, metrics_port)
         broker.log.info("metrics served", url=f"http://{address[0]}:{address[1]}/metrics")

@@ -21,9 +21,9 @@ from enum import Enum
 
 import numpy as np
 
-from chunkbus.bus import mdp
-from chunkbus.bus.mdp import RequestOptions, WorkerInfo
-from chunkbus.bus.records import ModelDescription, ServiceStatus, WorkerStatus
+from ..bus import mdp
+from ..bus.mdp import RequestOptions, WorkerInfo
+from ..bus.records import ModelDescription, ServiceStatus, WorkerStatus
 
 OUTCOMES = ("ok", "worker_error", "expired", "superseded", "rejected", "failed")
 LATENCY_WINDOW = 2000  # recent requests whose latencies the percentiles describe

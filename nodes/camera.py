@@ -16,12 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chunkbus.bus.endpoints import camera_topic
-from chunkbus.bus.lifecycle import announce_ready, run_node
-from chunkbus.bus.log import get_logger
-from chunkbus.bus.messages import CameraFrame, JpegImage
-from chunkbus.bus.sockets import Publisher
-from chunkbus.bus.ticker import Ticker
+from ..bus.endpoints import camera_topic
+from ..bus.lifecycle import announce_ready, run_node
+from ..bus.log import get_logger
+from ..bus.messages import CameraFrame, JpegImage
+from ..bus.sockets import Publisher
+from ..bus.ticker import Ticker
 
 
 class CameraError(RuntimeError):

@@ -8,10 +8,10 @@ from importlib.metadata import version
 import click
 import zmq
 
-from chunkbus.bus.endpoints import camera_node, list_publishers, runtime_dir
-from chunkbus.bus.lifecycle import EXIT_PERMANENT, follow_launcher
-from chunkbus.bus.log import LEVELS, configure_logging
-from chunkbus.launch.cli import launch_command
+from ..bus.endpoints import camera_node, list_publishers, runtime_dir
+from ..bus.lifecycle import EXIT_PERMANENT, follow_launcher
+from ..bus.log import LEVELS, configure_logging
+from ..launch.cli import launch_command
 
 
 class PermanentError(click.ClickException):
@@ -46,8 +46,13 @@ class BrokerAddress(click.ParamType):
     def convert(self, value, param, ctx):
         from click.core import ParameterSource
 
-        from chunkbus.bus.endpoints import (
-            BACKEND_PORT, FRONTEND_PORT, EndpointError, backend_of, broker_address, is_ipv6,
+        from ..bus.endpoints import (
+            BACKEND_PORT,
+            FRONTEND_PORT,
+            EndpointError,
+            backend_of,
+            broker_address,
+            is_ipv6,
         )
 
         from_env = ctx is not None and param is not None and (
@@ -114,27 +119,33 @@ def endpoints(log: LogOptions) -> None:
 @click.option("--frontend", default="tcp://*:5555", help="Where clients (robots) connect.")
 @click.option("--backend", default="tcp://*:5556", help="Where workers connect.")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /health on this HTTP port.")
-@click.option("--max-queue", type=click.IntRange(1), default=64, help="Requests a service may queue; more are rejected.")
+@click.option(
+    "--max-queue", type=click.IntRange(1), default=64, help="Requests a service may queue; more are rejected."
+)
 @click.option("--default-ttl", type=click.FloatRange(0), default=None, help="Seconds a request without a ttl may wait.")
 @click.option("--request-timeout", type=click.FloatRange(0), default=60.0, help="Seconds a worker has to answer.")
-@click.option("--heartbeat-interval", type=click.FloatRange(0.01), default=0.5, help="Seconds between heartbeats to each worker.")
-@click.option("--heartbeat-liveness", type=click.IntRange(1), default=3, help="Heartbeats missed before a worker is dropped.")
+@click.option(
+    "--heartbeat-interval", type=click.FloatRange(0.01), default=0.5, help="Seconds between heartbeats to each worker."
+)
+@click.option(
+    "--heartbeat-liveness", type=click.IntRange(1), default=3, help="Heartbeats missed before a worker is dropped."
+)
 @click.option("--max-attempts", type=click.IntRange(1), default=2, help="Runs of a request whose workers died.")
 @click.option("--name", default="broker", help="Node name: taps find its traffic on its ipc endpoint.")
 @click.option("--no-capture", is_flag=True, help="Do not offer the traffic to taps.")
 @click.pass_obj
 def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
     """Queue requests from robots and balance them over workers (Majordomo, RFC 7)."""
-    from chunkbus.bus.endpoints import EndpointError
-    from chunkbus.nodes.broker import BrokerConfig, serve
+    from ..bus.endpoints import EndpointError
+    from .broker import BrokerConfig, serve
 
     log.start(name)
     try:
         serve(BrokerConfig(capture=None if no_capture else name, **options), metrics_port)
     except zmq.ZMQError as exc:
-        raise click.ClickException(f"cannot bind {options['frontend']} / {options['backend']}: {exc}")
+        raise click.ClickException(f"cannot bind {options['frontend']} / {options['backend']}: {exc}") from None
     except EndpointError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -153,13 +164,15 @@ def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1, mps.")
 @click.option("--service", default=None, help="The service name to serve [default: the policy's type].")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=1, help="Requests run as one batch.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch [default: torch's choice].")
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="CPU threads for torch [default: torch's choice]."
+)
 @click.pass_obj
 def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int,
            threads: int | None) -> None:
     """Serve one policy on one device to the broker."""
-    from chunkbus.nodes.policies import PolicyLoadError, load_policy
-    from chunkbus.nodes.worker import serve
+    from .policies import PolicyLoadError, load_policy
+    from .worker import serve
 
     logger = log.start("worker")
     if threads is not None:
@@ -181,7 +194,7 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
 @click.pass_obj
 def status(log: LogOptions, broker_address: str, timeout: float) -> None:
     """Show the broker's services, workers, queues and latencies."""
-    from chunkbus.nodes.diagnose import format_status, query_status
+    from .diagnose import format_status, query_status
 
     log.start("status")
     click.echo(format_status(query_status(broker_address, timeout)))
@@ -195,7 +208,7 @@ def status(log: LogOptions, broker_address: str, timeout: float) -> None:
 @click.pass_obj
 def ping(log: LogOptions, broker_address: str, service: str | None, count: int, timeout: float) -> None:
     """Send synthetic observations to a service and report latency and chunk shape."""
-    from chunkbus.nodes.diagnose import ping as run_ping
+    from .diagnose import ping as run_ping
 
     log.start("ping")
     run_ping(broker_address, service, count, timeout)
@@ -217,7 +230,7 @@ def ping(log: LogOptions, broker_address: str, service: str | None, count: int, 
 @click.pass_obj
 def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, jpeg_quality, node_name, bind) -> None:
     """Publish one camera's frames at a fixed rate."""
-    from chunkbus.nodes.camera import CameraError, CameraNode, open_source, serve
+    from .camera import CameraError, CameraNode, open_source, serve
 
     node_name = node_name or camera_node(name)
     log.start(node_name)
@@ -226,7 +239,7 @@ def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, 
             name, lambda: open_source(source, width, height, fps, fourcc), fps, encoding, jpeg_quality, node_name, bind
         )
     except CameraError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     serve(node)
 
 
@@ -249,7 +262,9 @@ def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, 
 @click.option("--calibration-dir", default=None, help="Where its calibration file is [default: lerobot's].")
 @click.option("--name", default="arm", help="Node name; it publishes `state`.")
 @click.option("--rate", type=click.FloatRange(min=1), default=50.0, help="State rate (Hz).")
-@click.option("--hold-after", type=click.FloatRange(min=0), default=0.5, help="Seconds without commands before holding.")
+@click.option(
+    "--hold-after", type=click.FloatRange(min=0), default=0.5, help="Seconds without commands before holding."
+)
 @click.option("--max-step", type=click.FloatRange(min=0), default=10.0, help="Largest change of a joint per command.")
 @click.option("--commands-from", multiple=True, default=["actuator"],
               help="A node or endpoint publishing `command` (repeatable).")
@@ -257,7 +272,7 @@ def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, 
 def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, robot_id, calibration_dir, name, rate,
         hold_after, max_step, commands_from) -> None:
     """Own the motor bus: publish state, apply commands through the safety layer."""
-    from chunkbus.nodes.arm import LEROBOT_ARMS, ArmConfigError, ArmError, LerobotArm, SimArm, serve
+    from .arm import LEROBOT_ARMS, ArmConfigError, ArmError, LerobotArm, SimArm, serve
 
     log.start(name)
     if driver == "sim":
@@ -319,7 +334,7 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.pass_obj
 def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **options) -> None:
     """Run the control loop: request chunks, stitch them, command the arm every tick."""
-    from chunkbus.nodes.actuator import ActuatorConfig, SetupError, serve
+    from .actuator import ActuatorConfig, SetupError, serve
 
     log.start(options["name"])
     camera_map = {}
@@ -339,12 +354,12 @@ def tap() -> None:
 
 
 def _tap_errors(function, *args):
-    from chunkbus.nodes.tap import TapError
+    from .tap import TapError
 
     try:
         return function(*args)
     except TapError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
 
 
 _connect = click.option("--connect", multiple=True,
@@ -362,7 +377,7 @@ _duration = click.option("--duration", type=click.FloatRange(min=0), default=Non
 @click.pass_obj
 def tap_record(log: LogOptions, output, connect, topics, duration) -> None:
     """Record every publisher on this host (and --connect ones) into OUTPUT.mcap, zstd-compressed."""
-    from chunkbus.nodes.tap import record, summary_text
+    from .tap import record, summary_text
 
     log.start("tap")
     recording = _tap_errors(record, output, list(connect), list(topics), duration)
@@ -376,7 +391,7 @@ def tap_record(log: LogOptions, output, connect, topics, duration) -> None:
 @click.pass_obj
 def tap_echo(log: LogOptions, connect, topics, duration) -> None:
     """Print messages as they pass, decoded (arrays summarised)."""
-    from chunkbus.nodes.tap import echo
+    from .tap import echo
 
     log.start("tap")
     _tap_errors(echo, list(connect), list(topics), duration)
@@ -389,7 +404,7 @@ def tap_echo(log: LogOptions, connect, topics, duration) -> None:
 @click.pass_obj
 def tap_stats(log: LogOptions, connect, topics, duration) -> None:
     """Rate, bandwidth and message size per topic, live."""
-    from chunkbus.nodes.tap import stats
+    from .tap import stats
 
     log.start("tap")
     _tap_errors(stats, list(connect), list(topics), duration)
@@ -404,7 +419,7 @@ def tap_stats(log: LogOptions, connect, topics, duration) -> None:
 @click.pass_obj
 def tap_replay(log: LogOptions, recording, rate, topics, node, bind) -> None:
     """Republish a recording's messages with their original timing."""
-    from chunkbus.nodes.tap import replay
+    from .tap import replay
 
     logger = log.start("tap")
     count = _tap_errors(replay, recording, rate, list(topics), node, list(bind))
@@ -416,7 +431,7 @@ def tap_replay(log: LogOptions, recording, rate, topics, node, bind) -> None:
 @click.pass_obj
 def tap_info(log: LogOptions, recording) -> None:
     """Topics, message counts, duration and sizes of a recording."""
-    from chunkbus.nodes.tap import format_info, info
+    from .tap import format_info, info
 
     log.start("tap")
     click.echo(format_info(_tap_errors(info, recording)))

@@ -7,9 +7,9 @@ import time
 import click
 import numpy as np
 
-from chunkbus.bus.client import BrokerClient, BrokerUnavailable, RequestFailed, new_request_id
-from chunkbus.bus.messages import Observation, ObservationRequest
-from chunkbus.bus.records import BrokerStatus, ModelDescription, ServiceStatus
+from ..bus.client import BrokerClient, BrokerUnavailable, RequestFailed, new_request_id
+from ..bus.messages import Observation, ObservationRequest
+from ..bus.records import BrokerStatus, ModelDescription, ServiceStatus
 
 
 def query_status(broker: str, timeout: float) -> BrokerStatus:
@@ -29,7 +29,8 @@ def _ms(figures: dict, key: str) -> str:
 
 def format_status(status: BrokerStatus) -> str:
     lines = [f"broker up {status.uptime_s:.0f} s, frontend {status.frontend}, backend {status.backend}"]
-    header = f"{'service':24} {'workers':>7} {'capacity':>8} {'queued':>6} {'running':>7} {'ok':>7} {'errors':>6} {'wait p50/p99 ms':>16} {'service p50/p99 ms':>19}"
+    header = (f"{'service':24} {'workers':>7} {'capacity':>8} {'queued':>6} {'running':>7} {'ok':>7} {'errors':>6} "
+              f"{'wait p50/p99 ms':>16} {'service p50/p99 ms':>19}")
     lines += ["", header, "-" * len(header)]
     for name, s in sorted(status.services.items()):
         errors = sum(count for outcome, count in s.outcomes.items() if outcome != "ok")

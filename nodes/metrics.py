@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from chunkbus.bus.records import BrokerStatus
+from ..bus.records import BrokerStatus
 
 Snapshot = Callable[[], BrokerStatus]
 

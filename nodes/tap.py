@@ -26,12 +26,12 @@ import msgpack
 import numpy as np
 import zmq
 
-from chunkbus.bus.codec import decode
-from chunkbus.bus.endpoints import list_publishers, resolve, runtime_dir
-from chunkbus.bus.lifecycle import stop_event
-from chunkbus.bus.log import get_logger
-from chunkbus.bus.messages import JpegImage, MessageError
-from chunkbus.bus.sockets import Publisher, drain
+from ..bus.codec import decode
+from ..bus.endpoints import list_publishers, resolve, runtime_dir
+from ..bus.lifecycle import stop_event
+from ..bus.log import get_logger
+from ..bus.messages import JpegImage, MessageError
+from ..bus.sockets import Publisher, drain
 
 FRAMES_ENCODING = "chunkbus-frames-msgpack"
 PROFILE = "chunkbus"
@@ -264,7 +264,10 @@ def read_recording(path: str, topics: list[str] | None = None):
             for record in StreamReader(stream, skip_magic=False).records:
                 if isinstance(record, Channel):
                     if record.message_encoding != FRAMES_ENCODING:
-                        raise TapError(f"{path!r}: channel {record.topic!r} is not a chunkbus recording ({record.message_encoding})")
+                        raise TapError(
+                            f"{path!r}: channel {record.topic!r} is not a chunkbus recording "
+                            f"({record.message_encoding})"
+                        )
                     channels[record.id] = record.topic
                 elif isinstance(record, Message):
                     topic = channels.get(record.channel_id)
@@ -295,7 +298,10 @@ def format_info(summary: dict) -> str:
     lines.append(f"{'topic':32} {'messages':>9} {'rate Hz':>8} {'MB':>9} {'avg KB':>8}")
     for topic, t in sorted(summary["topics"].items()):
         rate = t["messages"] / summary["duration_s"] if summary["duration_s"] else 0.0
-        lines.append(f"{topic:32} {t['messages']:>9} {rate:>8.1f} {t['bytes'] / 1e6:>9.2f} {t['bytes'] / t['messages'] / 1e3:>8.1f}")
+        lines.append(
+            f"{topic:32} {t['messages']:>9} {rate:>8.1f} {t['bytes'] / 1e6:>9.2f} "
+            f"{t['bytes'] / t['messages'] / 1e3:>8.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -16,14 +16,15 @@ import time
 
 import zmq
 
-from chunkbus.bus import mdp
-from chunkbus.bus.codec import decode, encode
-from chunkbus.bus.lifecycle import announce_ready, run_node
-from chunkbus.bus.log import get_logger
-from chunkbus.bus.messages import ActionChunk, ErrorReply, MessageError, ObservationRequest
-from chunkbus.bus.sockets import drain
-from chunkbus.bus.worker_link import WorkerLink
-from chunkbus.nodes.policies import Policy
+from ..bus import mdp
+from ..bus.codec import decode, encode
+from ..bus.lifecycle import announce_ready, run_node
+from ..bus.log import get_logger
+from ..bus.messages import ActionChunk, ErrorReply, MessageError, ObservationRequest
+from ..bus.sockets import drain
+from ..bus.worker_link import WorkerLink
+from .policies import Policy
+
 
 class Worker:
     def __init__(self, policy: Policy, broker: str, service: str, max_batch: int, **link_options):
@@ -60,7 +61,7 @@ class Worker:
         start = time.perf_counter()
         replies: list = [None] * len(batch)
         requests, positions = [], []
-        for i, (ticket, *body) in enumerate(batch):
+        for i, (_ticket, *body) in enumerate(batch):
             try:
                 message = decode(body)
                 if not isinstance(message, ObservationRequest):

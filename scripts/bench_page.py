@@ -45,7 +45,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}, {platform.system()}"
+    cores = len(os.sched_getaffinity(0))
+    return f"{cpu}, {cores} cores available, Python {platform.python_version()}, {platform.system()}"
 
 
 def gpu_note() -> str:
@@ -78,9 +79,17 @@ def page(results: dict) -> str:
     aims = []
     if "codec" in results:
         c = results["codec"]
-        aims.append(("codec at least 5x faster than pickle", c["speedup_vs_pickle"] >= 5, f"{c['speedup_vs_pickle']:.1f}x"))
-        aims.append(("codec costs no more than one memcpy of the payload", c["ratio_to_memcpy"] <= 1,
-                     f"{c['ratio_to_memcpy']:.2f}x for one observation, {c['history5_ratio_to_memcpy']:.2f}x for a 5-step history"))
+        aims.append(
+            ("codec at least 5x faster than pickle", c["speedup_vs_pickle"] >= 5, f"{c['speedup_vs_pickle']:.1f}x")
+        )
+        aims.append(
+            (
+                "codec costs no more than one memcpy of the payload",
+                c["ratio_to_memcpy"] <= 1,
+                f"{c['ratio_to_memcpy']:.2f}x for one observation, "
+                f"{c['history5_ratio_to_memcpy']:.2f}x for a 5-step history",
+            )
+        )
     if "roundtrip" in results:
         r = results["roundtrip"]["overhead"]
         aims.append(("round-trip overhead at least 5x lower than LeRobot's, p50 and p99",
@@ -90,32 +99,72 @@ def page(results: dict) -> str:
                      f"{f['chunkbus_rps']:.0f} vs {f['lerobot_rps']:.0f} requests/s"))
     if "jitter" in results:
         for rate, v in results["jitter"].items():
-            aims.append((f"tick lateness p99 under 1 ms at {rate[2:]} Hz", v["p99_us"] < 1000, f"{v['p99_us'] / 1000:.2f} ms"))
+            aims.append(
+                (f"tick lateness p99 under 1 ms at {rate[2:]} Hz", v["p99_us"] < 1000, f"{v['p99_us'] / 1000:.2f} ms")
+            )
     if aims:
-        out += ["## Aims", "", table(["aim", "met", "figure"], [[a, "yes" if ok else "**no**", fig] for a, ok, fig in aims]), ""]
+        out += [
+            "## Aims",
+            "",
+            table(["aim", "met", "figure"], [[a, "yes" if ok else "**no**", fig] for a, ok, fig in aims]),
+            "",
+        ]
     if "codec" in results:
-        out += ["## Codec: encode + decode of one observation (`scripts/bench_codec.py`)", "",
-                table(["codec", "µs", "vs chunkbus"], [
+        out += [
+            "## Codec: encode + decode of one observation (`scripts/bench_codec.py`)",
+            "",
+            table(
+                ["codec", "µs", "vs chunkbus"],
+                [
                     ["chunkbus", f"{c['chunkbus_us']:.0f}", ""],
                     ["pickle", f"{c['pickle_us']:.0f}", f"{c['speedup_vs_pickle']:.1f}x slower"],
-                    ["msgpack-numpy, images inline", f"{c['msgpack_numpy_us']:.0f}", f"{c['speedup_vs_msgpack_numpy']:.1f}x slower"],
-                    ["memcpy of the 1.8 MB payload", f"{c['memcpy_us']:.0f}", f"chunkbus = {c['ratio_to_memcpy']:.2f}x memcpy"],
+                    [
+                        "msgpack-numpy, images inline",
+                        f"{c['msgpack_numpy_us']:.0f}",
+                        f"{c['speedup_vs_msgpack_numpy']:.1f}x slower",
+                    ],
+                    [
+                        "memcpy of the 1.8 MB payload",
+                        f"{c['memcpy_us']:.0f}",
+                        f"chunkbus = {c['ratio_to_memcpy']:.2f}x memcpy",
+                    ],
                     ["chunkbus, 5-step history (9.2 MB)", f"{c['history5_chunkbus_us']:.0f}", ""],
-                    ["memcpy of that payload", f"{c['history5_memcpy_us']:.0f}", f"chunkbus = {c['history5_ratio_to_memcpy']:.2f}x memcpy"],
-                ]), ""]
+                    [
+                        "memcpy of that payload",
+                        f"{c['history5_memcpy_us']:.0f}",
+                        f"chunkbus = {c['history5_ratio_to_memcpy']:.2f}x memcpy",
+                    ],
+                ],
+            ),
+            "",
+        ]
     if "broker" in results:
         b = results["broker"]
-        out += ["## Broker (`scripts/bench_broker.py`)", "",
-                table(["figure", "value"], [
+        out += [
+            "## Broker (`scripts/bench_broker.py`)",
+            "",
+            table(
+                ["figure", "value"],
+                [
                     ["requests/s, four scripted workers, 64 in flight", f"{b['req_per_s']:.0f}"],
-                    ["round trip through the broker (bare echo worker), p50 / p99",
-                     f"{b['round_trip_p50_us'] / 1000:.2f} / {b['round_trip_p99_us'] / 1000:.2f} ms"],
-                    ["the same without a broker (client to echo), p50 / p99",
-                     f"{b['direct_p50_us'] / 1000:.2f} / {b['direct_p99_us'] / 1000:.2f} ms"],
-                    ["latency the broker adds: the difference, p50 / p99", f"{b['p50_us'] / 1000:.2f} / {b['p99_us'] / 1000:.2f} ms"],
+                    [
+                        "round trip through the broker (bare echo worker), p50 / p99",
+                        f"{b['round_trip_p50_us'] / 1000:.2f} / {b['round_trip_p99_us'] / 1000:.2f} ms",
+                    ],
+                    [
+                        "the same without a broker (client to echo), p50 / p99",
+                        f"{b['direct_p50_us'] / 1000:.2f} / {b['direct_p99_us'] / 1000:.2f} ms",
+                    ],
+                    [
+                        "latency the broker adds: the difference, p50 / p99",
+                        f"{b['p50_us'] / 1000:.2f} / {b['p99_us'] / 1000:.2f} ms",
+                    ],
                     ["high-priority p99 under low-priority saturation", f"{b['high_priority_p99_us'] / 1000:.1f} ms"],
                     ["low-priority p99 meanwhile", f"{b['low_priority_p99_us'] / 1000:.1f} ms"],
-                ]), ""]
+                ],
+            ),
+            "",
+        ]
     if "jitter" in results:
         j = results["jitter"]
         out += ["## Control-loop jitter with two raw 480x640 cameras streaming (`scripts/bench_jitter.py`)", "",
@@ -137,12 +186,19 @@ def page(results: dict) -> str:
                 "over loopback TCP. Latency in ms, p50 / p99; ratio = LeRobot / chunkbus.", "",
                 table(["case", "chunkbus", "LeRobot", "ratio p50 / p99"], rows), ""]
         if "jpeg" in r:
-            out += [f"chunkbus with JPEG frames: p50 {r['jpeg']['p50_ms']:.2f} ms, p99 {r['jpeg']['p99_ms']:.2f} ms.", ""]
+            out += [
+                f"chunkbus with JPEG frames: p50 {r['jpeg']['p50_ms']:.2f} ms, p99 {r['jpeg']['p99_ms']:.2f} ms.",
+                "",
+            ]
         if "four_clients" in r:
             f = r["four_clients"]
-            out += [f"Four clients at once: chunkbus {f['chunkbus_rps']:.1f} requests/s, LeRobot {f['lerobot_rps']:.1f} requests/s "
-                    "(overhead case; chunkbus: one broker and one worker with --max-batch 4; LeRobot: four PolicyServers, "
-                    "one per client, since one serves a single robot).", ""]
+            out += [
+                f"Four clients at once: chunkbus {f['chunkbus_rps']:.1f} requests/s, "
+                f"LeRobot {f['lerobot_rps']:.1f} requests/s "
+                "(overhead case; chunkbus: one broker and one worker with --max-batch 4; LeRobot: four PolicyServers, "
+                "one per client, since one serves a single robot).",
+                "",
+            ]
         if (DOCS / "roundtrip_latency.png").exists():
             out += ["![round-trip latency distribution](roundtrip_latency.png)", ""]
         if "notes" in r:
@@ -154,11 +210,23 @@ def page(results: dict) -> str:
                 "Lower is smoother; the smoothest (lowest RMS jerk) per delay in bold.", ""]
         for delay, row in s.items():
             best = min(row, key=lambda name: row[name]["rms_jerk"])
-            out += [f"**{delay[1:]} ticks late**", "",
-                    table(["strategy", "max jump", "RMS jerk", "RMS error"], [
-                        [f"**{name}**" if name == best else name, f"{v['max_jump']:.2f}", f"{v['rms_jerk']:.3f}", f"{v['rms_error']:.3f}"]
+            out += [
+                f"**{delay[1:]} ticks late**",
+                "",
+                table(
+                    ["strategy", "max jump", "RMS jerk", "RMS error"],
+                    [
+                        [
+                            f"**{name}**" if name == best else name,
+                            f"{v['max_jump']:.2f}",
+                            f"{v['rms_jerk']:.3f}",
+                            f"{v['rms_error']:.3f}",
+                        ]
                         for name, v in row.items()
-                    ]), ""]
+                    ],
+                ),
+                "",
+            ]
     return "\n".join(out)
 
 

@@ -11,8 +11,9 @@ client to a policy and comes back as an action chunk (50 x 6), over loopback TCP
             a sleep that only paces chunks to a robot's rate)
 
 The round trips of the two are taken in turn (both running at once), so a slow moment of
-this shared machine hits both alike. Two cases, each with the same checkpoint (an ACT with random weights, 3x480x640 images,
-saved with save_pretrained into a temporary folder and loaded from there on both sides):
+this shared machine hits both alike. Two cases, each with the same checkpoint (an ACT with
+random weights, 3x480x640 images, saved with save_pretrained into a temporary folder and
+loaded from there on both sides):
   act       the policy runs on the CPU
   overhead  on both sides the one call to the policy's predict_action_chunk is replaced by
             a function returning zeros of the chunk's shape (chunkbus: the worker's
@@ -170,8 +171,8 @@ def main() -> None:
         args.count, args.act_count, args.seconds = 10, 2, 1.0
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every server process
     os.environ["CHUNKBUS_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="cb-roundtrip-", dir="/tmp")
-    from bench_broker import Cluster
     import lerobot_async_side as lerobot
+    from bench_broker import Cluster
 
     from chunkbus.bus.client import BrokerClient
 
@@ -207,7 +208,10 @@ def main() -> None:
                 for server in servers:
                     server.stop()
             results["four_clients"] = {"chunkbus_rps": round(chunkbus_rps, 1), "lerobot_rps": round(lerobot_rps, 1)}
-            print(f"four clients: chunkbus {chunkbus_rps:.1f} requests/s, LeRobot {lerobot_rps:.1f} requests/s", flush=True)
+            print(
+                f"four clients: chunkbus {chunkbus_rps:.1f} requests/s, LeRobot {lerobot_rps:.1f} requests/s",
+                flush=True,
+            )
     if args.plot:
         plot(args.plot, samples)
     print(json.dumps(results))

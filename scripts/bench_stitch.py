@@ -117,12 +117,17 @@ def main() -> None:
     chunks = make_chunks(args.ticks, args.every, args.length, args.seed)
     results = {}
     for delay in (0, 3, 6, 10):
-        results[f"d{delay}"] = {name: figures(run(chunks, delay, args.ticks), args.ticks) for name, run in strategies.items()}
+        results[f"d{delay}"] = {
+            name: figures(run(chunks, delay, args.ticks), args.ticks) for name, run in strategies.items()
+        }
         row = results[f"d{delay}"]
         smoothest = min(row, key=lambda name: row[name]["rms_jerk"])
         print(f"delay {delay:2} ticks: smoothest {smoothest}")
         for name, f in row.items():
-            print(f"  {name:28} max jump {f['max_jump']:6.2f}  rms jerk {f['rms_jerk']:6.3f}  rms error {f['rms_error']:6.3f}")
+            print(
+                f"  {name:28} max jump {f['max_jump']:6.2f}  rms jerk {f['rms_jerk']:6.3f}  "
+                f"rms error {f['rms_error']:6.3f}"
+            )
     print(json.dumps(results))
 
 

@@ -53,9 +53,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -180,13 +180,12 @@ def start_policy_server(port: int, trivial_chunk: tuple[int, int] | None = None,
             except grpc.FutureTimeoutError:
                 if time.monotonic() > deadline:
                     handle.stop()
-                    raise TimeoutError(f"PolicyServer on {handle.address} not up:\n{log.read_text()[-3000:]}")
+                    raise TimeoutError(f"PolicyServer on {handle.address} not up:\n{log.read_text()[-3000:]}") from None
 
 
 def _serve(args: dict) -> None:
     """Entry point of the server process (see start_policy_server)."""
     import torch
-
     from lerobot.async_inference import policy_server
     from lerobot.async_inference.configs import PolicyServerConfig
 
@@ -238,9 +237,8 @@ class LerobotClient:
         self.resends = 0
 
     # -- setup, as RobotClient.__init__ and RobotClient.start
-    def connect(self, start_receiver: bool = True) -> "LerobotClient":
+    def connect(self, start_receiver: bool = True) -> LerobotClient:
         import grpc
-
         from lerobot.async_inference.helpers import RemotePolicyConfig, map_robot_keys_to_lerobot_features
         from lerobot.transport import services_pb2, services_pb2_grpc
         from lerobot.transport.utils import grpc_channel_options

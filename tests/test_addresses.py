@@ -7,9 +7,9 @@ import socket
 import subprocess
 
 import pytest
+from mdp_peers import CHUNKBUS, start_broker, start_worker
 
 from chunkbus.bus.endpoints import EndpointError, backend_of, broker_address
-from mdp_peers import CHUNKBUS, start_broker, start_worker
 
 
 @pytest.mark.parametrize(

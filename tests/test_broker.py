@@ -12,10 +12,10 @@ import urllib.request
 import numpy as np
 import pytest
 import zmq
+from mdp_peers import CHUNKBUS, RawClient, RawWorker, kill, start_broker, start_worker, wait_for
 
 from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationRequest, decode
 from chunkbus.bus.client import BrokerClient, RequestFailed
-from mdp_peers import CHUNKBUS, RawClient, RawWorker, kill, start_broker, start_worker, wait_for
 
 
 def request(request_id: str, tick: int = 0, priority: int = 0, ttl=None, key=None) -> ObservationRequest:

@@ -9,7 +9,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from chunkbus.bus import mdp
 from chunkbus.bus.mdp import RequestOptions, WorkerInfo
 from chunkbus.nodes.broker_core import (
-    Accepted, Answer, Dispatch, Removed, Scheduler, SchedulerConfig, State, ToWorker,
+    Accepted,
+    Answer,
+    Dispatch,
+    Removed,
+    Scheduler,
+    SchedulerConfig,
+    State,
+    ToWorker,
 )
 
 

@@ -104,7 +104,7 @@ def test_python_warnings_become_log_lines_naming_the_node_once():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.warn("torch says something", UserWarning)
+            warnings.warn("torch says something", UserWarning, stacklevel=1)
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
         assert len(lines) == 1 and "torch says something" in lines[0]["event"]
         assert lines[0]["node"] == "worker" and lines[0]["level"] == "warning"

@@ -23,10 +23,10 @@ from chunkbus.bus import (
     Observation,
     ObservationRequest,
     Stats,
+    codec,
     decode,
     encode,
 )
-from chunkbus.bus import codec
 from chunkbus.bus.messages import ERROR_CODES, MESSAGE_TYPES
 
 # --- strategies ---------------------------------------------------------------------------

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from chunkbus.bus.client import BrokerClient
 from chunkbus.bus.sockets import Subscriber
 from chunkbus.launch.config import LaunchError, load
 from chunkbus.nodes.cli import main as chunkbus
-from conftest import REPO
 
 LAUNCH = str(Path(sys.executable).parent / "launch")
 

@@ -9,13 +9,13 @@ import json
 import subprocess
 
 import pytest
+from feetech_emulator import FeetechEmulator
+from mdp_peers import CHUNKBUS
+from test_so101 import CALIBRATION, check_drives_the_arm
 
 from chunkbus.bus.lifecycle import EXIT_PERMANENT
 from chunkbus.nodes.arm import LerobotArm
 from chunkbus.nodes.cli import main
-from feetech_emulator import FeetechEmulator
-from mdp_peers import CHUNKBUS
-from test_so101 import CALIBRATION, check_drives_the_arm
 
 LEROBOT = ["--driver", "lerobot", "--robot-type", "so101_follower"]
 

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
+from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
 
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient
 from chunkbus.bus.lifecycle import EXIT_PERMANENT
 from chunkbus.nodes.policies.lerobot import LerobotPolicy, letterbox
-from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
-from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
 
 POLICIES = ("act", "diffusion", "vqbet")
 
@@ -37,7 +37,12 @@ def two_camera_request(request_id: str, steps: int, tick: int = 10, jpeg_wrist: 
         if jpeg_wrist:
             images[CAMERAS[1]] = JpegImage.encode(images[CAMERAS[1]])
         history.append(
-            Observation(tick=tick - steps + 1 + t, time=time.monotonic(), state=rng.standard_normal(6).astype(np.float32), images=images)
+            Observation(
+                tick=tick - steps + 1 + t,
+                time=time.monotonic(),
+                state=rng.standard_normal(6).astype(np.float32),
+                images=images,
+            )
         )
     return ObservationRequest(
         robot_id="so101", request_id=request_id, tick=tick, fps=30.0, send_time=time.monotonic(),

@@ -9,9 +9,14 @@ from chunkbus.bus import mdp
 from chunkbus.bus.messages import MessageError
 from chunkbus.bus.records import BrokerStatus, Feature, ModelDescription, ServiceStatus, WorkerStatus
 
-MODEL = ModelDescription(type="act", name="act:mine", inputs={"observation.images.front": Feature("VISUAL", [3, 96, 128]),
-                                                             "observation.state": Feature("STATE", [6])},
-                         action_size=6, chunk_size=20, device="cuda")
+MODEL = ModelDescription(
+    type="act",
+    name="act:mine",
+    inputs={"observation.images.front": Feature("VISUAL", [3, 96, 128]), "observation.state": Feature("STATE", [6])},
+    action_size=6,
+    chunk_size=20,
+    device="cuda",
+)
 
 
 def test_a_model_description_survives_the_ready_frame_and_says_what_it_needs():

@@ -8,12 +8,12 @@ import time
 import cv2
 import numpy as np
 import pytest
+from mdp_peers import CHUNKBUS, kill, start_broker, start_worker, wait_for
 
 from chunkbus.bus import Command
 from chunkbus.bus.sockets import Publisher, Subscriber
 from chunkbus.nodes.camera import synthetic_seq
 from chunkbus.nodes.policies.scripted import ScriptedPolicy
-from mdp_peers import CHUNKBUS, kill, start_broker, start_worker, wait_for
 
 
 def collect(endpoints, topics, seconds: float) -> list:

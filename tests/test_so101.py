@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
+from feetech_emulator import FeetechEmulator
+from mdp_peers import CHUNKBUS
 
 from chunkbus.bus import Command
 from chunkbus.bus.sockets import Publisher, Subscriber
-from feetech_emulator import FeetechEmulator
-from mdp_peers import CHUNKBUS
 
 MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 JOINTS = [f"{m}.pos" for m in MOTORS]

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 import zmq
+from helpers.publish import image_for, state_for
 
 from chunkbus.bus import ArmState, CameraFrame, JpegImage, encode
 from chunkbus.bus.endpoints import EndpointError, list_publishers, publisher_endpoint, resolve
 from chunkbus.bus.sockets import Publisher, Subscriber
-from helpers.publish import image_for, state_for
 
 
 def check_stream(subscriber: Subscriber, topic: str, count: int = 5) -> list[int]:

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from chunkbus.bus.sockets import Subscriber
 from mdp_peers import wait_for
 from test_launch import LAUNCH, alive, scripted_robot
 
+from chunkbus.bus.sockets import Subscriber
 
 
 def children(pid: int) -> list[int]:

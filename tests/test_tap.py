@@ -12,13 +12,13 @@ from collections import defaultdict
 
 import pytest
 import zmq
+from helpers.publish import image_for, state_for
 from mcap.reader import make_reader
+from mdp_peers import CHUNKBUS, start_broker, start_worker
 
 from chunkbus.bus import ArmState, decode
 from chunkbus.bus.sockets import Publisher
 from chunkbus.nodes.tap import FRAMES_ENCODING, info, read_recording, unpack_frames
-from helpers.publish import image_for, state_for
-from mdp_peers import CHUNKBUS, start_broker, start_worker
 
 
 @pytest.fixture
@@ -119,7 +119,9 @@ def test_echo_and_stats_show_live_traffic(running_system):
     assert line.startswith("state: arm_state") and "names=['shoulder_pan.pos'" in line
     result = subprocess.run([CHUNKBUS, "tap", "stats", "--duration", "2.5"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line and not line.startswith("topic")}
+    rows = {
+        line.split()[0]: line.split() for line in result.stdout.splitlines() if line and not line.startswith("topic")
+    }
     assert float(rows["camera/front"][1]) == pytest.approx(20, rel=0.3)
 
 

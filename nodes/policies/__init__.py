@@ -12,12 +12,12 @@ The implementations import this module; it imports none of them until load_polic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from chunkbus.bus.messages import ObservationRequest
-from chunkbus.bus.records import ModelDescription
+from ...bus.messages import ObservationRequest
+from ...bus.records import ModelDescription
 
 
 class BadRequest(ValueError):
@@ -54,16 +54,16 @@ class PolicyLoadError(RuntimeError):
 def load_policy(spec: str, device: str = "cpu") -> Policy:
     """The policy `spec` names; PolicyLoadError when the configuration is what is wrong."""
     if spec.startswith("scripted:"):
-        from chunkbus.nodes.policies.scripted import ScriptedPolicy
+        from .scripted import ScriptedPolicy
 
         try:
             return ScriptedPolicy(spec)
         except ValueError as exc:
             raise PolicyLoadError(str(exc)) from exc
-    from chunkbus.nodes.policies.lerobot import LerobotPolicy
+    from .lerobot import LerobotPolicy
 
     if spec.startswith("demo:"):
-        from chunkbus.nodes.policies.demo import demo_checkpoint
+        from .demo import demo_checkpoint
 
         try:
             spec = demo_checkpoint(spec.removeprefix("demo:"))

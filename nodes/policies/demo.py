@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from chunkbus.bus.log import get_logger
+from ...bus.log import get_logger
 
 STATE_SIZE = 6
 ACTION_SIZE = 6

@@ -20,11 +20,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from chunkbus.bus.log import get_logger
-from chunkbus.bus.messages import JpegImage, MessageError, ObservationRequest
-from chunkbus.bus.records import Feature, ModelDescription
-from chunkbus.nodes.policies import BadRequest, BatchResult, Result
-from chunkbus.nodes.policies.lerobot_loading import check_device, config_errors, locate, prints_logged
+from ...bus.log import get_logger
+from ...bus.messages import JpegImage, MessageError, ObservationRequest
+from ...bus.records import Feature, ModelDescription
+from . import BadRequest, BatchResult, Result
+from .lerobot_loading import check_device, config_errors, locate, prints_logged
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from chunkbus.bus.log import get_logger
-from chunkbus.nodes.policies import PolicyLoadError
+from ...bus.log import get_logger
+from . import PolicyLoadError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
 _CHECKPOINT = "a folder saved with lerobot's save_pretrained (config.json, model.safetensors, the processor files)"

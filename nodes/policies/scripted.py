@@ -9,9 +9,9 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from chunkbus.bus.messages import ObservationRequest
-from chunkbus.bus.records import ModelDescription
-from chunkbus.nodes.policies import BatchResult, Result
+from ...bus.messages import ObservationRequest
+from ...bus.records import ModelDescription
+from . import BatchResult, Result
 
 
 class ScriptedPolicy:
@@ -31,7 +31,9 @@ class ScriptedPolicy:
         options = dict(parse_qsl(query, strict_parsing=bool(query)))
         known = {"chunk", "actions", "period", "amplitude", "value", "delay", "seed"}
         if unknown := set(options) - known:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for {spec!r}: known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown option(s) {', '.join(sorted(unknown))} for {spec!r}: known: {', '.join(sorted(known))}"
+            )
         self.kind = kind
         self.name = f"scripted:{kind}"
         self.chunk = int(options.get("chunk", 50))
