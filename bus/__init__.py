@@ -7,13 +7,12 @@ from .messages import (
     CameraFrame,
     Command,
     ErrorReply,
-    JpegImage,
     Message,
-    MessageError,
     Observation,
     ObservationRequest,
     Stats,
 )
+from .schema import JpegImage, MessageError
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -18,8 +18,9 @@ import zmq
 
 from . import mdp
 from .codec import decode, encode
-from .messages import ErrorReply, Message, MessageError
+from .messages import ErrorReply, Message
 from .records import BrokerStatus, ModelDescription
+from .schema import MessageError
 
 _ids = itertools.count(1)
 

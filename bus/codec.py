@@ -31,7 +31,8 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
-from .messages import MESSAGE_TYPES, JpegImage, Message, MessageError, Record
+from .messages import MESSAGE_TYPES, Message, Record
+from .schema import JpegImage, MessageError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # default limit of one message, all frames together

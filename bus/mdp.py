@@ -32,8 +32,9 @@ from typing import Any
 import msgpack
 
 from .codec import decode_header
-from .messages import MessageError, ObservationRequest
+from .messages import ObservationRequest
 from .records import ModelDescription
+from .schema import MessageError
 
 CLIENT = b"MDPC01"
 WORKER = b"MDPW01"

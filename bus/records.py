@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .messages import (
-    NAME,
+from .messages import NAME
+from .schema import (
     Record,
     boolean,
     dict_of,

@@ -19,7 +19,8 @@ import zmq
 from .codec import MAX_MESSAGE_BYTES, decode, encode
 from .endpoints import claim, publisher_endpoint, resolve
 from .log import Every, get_logger
-from .messages import Message, MessageError
+from .messages import Message
+from .schema import MessageError
 
 POLL_MS = 50  # how often a background thread checks that it should stop
 

@@ -16,7 +16,7 @@ import zmq
 
 from . import mdp
 from .log import get_logger
-from .messages import MessageError
+from .schema import MessageError
 from .sockets import drain
 
 _PIPE = "inproc://chunkbus-worker-{}"

@@ -22,8 +22,9 @@ from ..bus.codec import encode, message_type
 from ..bus.endpoints import capture_topic, is_ipv6
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import Every, get_logger
-from ..bus.messages import ErrorReply, MessageError
+from ..bus.messages import ErrorReply
 from ..bus.records import BrokerStatus
+from ..bus.schema import MessageError
 from ..bus.sockets import Publisher, drain
 from .broker_core import (
     Accepted,

@@ -19,7 +19,8 @@ import numpy as np
 from ..bus.endpoints import camera_topic
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import get_logger
-from ..bus.messages import CameraFrame, JpegImage
+from ..bus.messages import CameraFrame
+from ..bus.schema import JpegImage
 from ..bus.sockets import Publisher
 from ..bus.ticker import Ticker
 

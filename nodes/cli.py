@@ -2,82 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib.metadata import version
 
 import click
 import zmq
 
 from ..bus.endpoints import camera_node, list_publishers, runtime_dir
-from ..bus.lifecycle import EXIT_PERMANENT, follow_launcher
-from ..bus.log import LEVELS, configure_logging
+from ..bus.lifecycle import follow_launcher
+from ..bus.log import LEVELS
 from ..launch.cli import launch_command
-
-
-class PermanentError(click.ClickException):
-    """A configuration error that no restart fixes: `launch` does not restart the node."""
-
-    exit_code = EXIT_PERMANENT
-
-
-@dataclass
-class LogOptions:
-    level: str
-    json: bool
-
-    def start(self, node: str):
-        """Configure logging for the node this process runs; returns its logger."""
-        return configure_logging(node, self.level, self.json)
-
-
-class BrokerAddress(click.ParamType):
-    """A `--broker` value, as people write it (bus.endpoints.broker_address).
-
-    `side` is the broker socket the command connects to: "frontend" (clients) or
-    "backend" (workers). CHUNKBUS_BROKER always holds the frontend's address; a worker
-    takes its host and the port after its own (backend_of).
-    """
-
-    name = "address"
-
-    def __init__(self, side: str):
-        self.side = side
-
-    def convert(self, value, param, ctx):
-        from click.core import ParameterSource
-
-        from ..bus.endpoints import (
-            BACKEND_PORT,
-            FRONTEND_PORT,
-            EndpointError,
-            backend_of,
-            broker_address,
-            is_ipv6,
-        )
-
-        from_env = ctx is not None and param is not None and (
-            ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
-        )
-        try:
-            if from_env and self.side == "backend":
-                address = backend_of(value)
-            else:
-                address = broker_address(value, FRONTEND_PORT if self.side == "frontend" else BACKEND_PORT)
-        except EndpointError as exc:
-            self.fail(str(exc), param, ctx)
-        if is_ipv6(address):
-            zmq.Context.instance().setsockopt(zmq.IPV6, 1)  # zmq reaches IPv6 addresses only when told
-        return address
-
-
-_FORMS = "HOST:PORT, HOST (port {port}), [IPv6]:PORT, tcp://HOST:PORT or ipc://PATH"
-_CLIENT_BROKER = dict(
-    type=BrokerAddress("frontend"),
-    default="tcp://127.0.0.1:5555",
-    envvar="CHUNKBUS_BROKER",
-    show_envvar=True,
-    help=f"The broker's frontend: {_FORMS.format(port=5555)}.",
-)
+from .cli_options import BROKER_FORMS, CLIENT_BROKER, BrokerAddress, LogOptions, PermanentError, pairs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -156,7 +90,7 @@ def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
     default="tcp://127.0.0.1:5556",
     envvar="CHUNKBUS_BROKER",
     show_envvar=True,
-    help=f"The broker's backend: {_FORMS.format(port=5556)}. Without --broker, CHUNKBUS_BROKER (the "
+    help=f"The broker's backend: {BROKER_FORMS.format(port=5556)}. Without --broker, CHUNKBUS_BROKER (the "
     "frontend, as the other commands take it) gives the host, on the port after its own: gpu-host or "
     "gpu-host:5555 means tcp://gpu-host:5556, gpu-host:7000 means tcp://gpu-host:7001.",
 )
@@ -189,7 +123,7 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
 
 
 @main.command()
-@click.option("--broker", "broker_address", **_CLIENT_BROKER)
+@click.option("--broker", "broker_address", **CLIENT_BROKER)
 @click.option("--timeout", type=float, default=3.0, help="Seconds to wait for the broker's answer.")
 @click.pass_obj
 def status(log: LogOptions, broker_address: str, timeout: float) -> None:
@@ -201,7 +135,7 @@ def status(log: LogOptions, broker_address: str, timeout: float) -> None:
 
 
 @main.command()
-@click.option("--broker", "broker_address", **_CLIENT_BROKER)
+@click.option("--broker", "broker_address", **CLIENT_BROKER)
 @click.option("--service", default=None, help="The service to ping [default: the broker's only one].")
 @click.option("-n", "count", type=click.IntRange(1), default=10, help="Requests to send.")
 @click.option("--timeout", type=float, default=30.0, help="Seconds to wait for each answer.")
@@ -288,7 +222,7 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
             robot_type = LEROBOT_ARMS[driver]
         options = {key: value for key, value in [("port", port), ("id", robot_id), ("calibration_dir", calibration_dir)]
                    if value is not None}
-        options.update(_pairs(robot_option, "--robot-option"))
+        options.update(pairs(robot_option, "--robot-option"))
         try:
             arm_driver = LerobotArm(robot_type, robot_config, options, name=None if driver == "lerobot" else driver)
         except ArmConfigError as exc:
@@ -298,18 +232,8 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
     serve(arm_driver, name, rate, hold_after, max_step, list(commands_from))
 
 
-def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        key, sep, target = value.partition("=")
-        if not sep or not key or not target:
-            raise click.BadParameter(f"{value!r} is not NAME=VALUE", param_hint=option)
-        pairs[key] = target
-    return pairs
-
-
 @main.command()
-@click.option("--broker", "broker_address", **_CLIENT_BROKER)
+@click.option("--broker", "broker_address", **CLIENT_BROKER)
 @click.option("--service", required=True, help="The policy service to ask for chunks.")
 @click.option("--robot-id", default="robot", help="Names this robot's requests (and their replace key).")
 @click.option("--task", default="", help="The task, for language-conditioned policies.")
@@ -343,7 +267,7 @@ def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **
         camera_map[name] = feature or f"observation.images.{name}"
     try:
         serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
-                             camera_nodes=_pairs(camera_node, "--camera-node"), **options))
+                             camera_nodes=pairs(camera_node, "--camera-node"), **options))
     except SetupError as exc:
         raise PermanentError(str(exc)) from None
 

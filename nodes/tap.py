@@ -30,7 +30,7 @@ from ..bus.codec import decode
 from ..bus.endpoints import list_publishers, resolve, runtime_dir
 from ..bus.lifecycle import stop_event
 from ..bus.log import get_logger
-from ..bus.messages import JpegImage, MessageError
+from ..bus.schema import JpegImage, MessageError
 from ..bus.sockets import Publisher, drain
 
 FRAMES_ENCODING = "chunkbus-frames-msgpack"

@@ -20,7 +20,8 @@ from ..bus import mdp
 from ..bus.codec import decode, encode
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import get_logger
-from ..bus.messages import ActionChunk, ErrorReply, MessageError, ObservationRequest
+from ..bus.messages import ActionChunk, ErrorReply, ObservationRequest
+from ..bus.schema import MessageError
 from ..bus.sockets import drain
 from ..bus.worker_link import WorkerLink
 from .policies import Policy

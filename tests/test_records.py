@@ -6,8 +6,8 @@ import msgpack
 import pytest
 
 from chunkbus.bus import mdp
-from chunkbus.bus.messages import MessageError
 from chunkbus.bus.records import BrokerStatus, Feature, ModelDescription, ServiceStatus, WorkerStatus
+from chunkbus.bus.schema import MessageError
 
 MODEL = ModelDescription(
     type="act",

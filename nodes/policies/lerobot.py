@@ -21,8 +21,9 @@ import cv2
 import numpy as np
 
 from ...bus.log import get_logger
-from ...bus.messages import JpegImage, MessageError, ObservationRequest
+from ...bus.messages import ObservationRequest
 from ...bus.records import Feature, ModelDescription
+from ...bus.schema import JpegImage, MessageError
 from . import BadRequest, BatchResult, Result
 from .lerobot_loading import check_device, config_errors, locate, prints_logged
 
