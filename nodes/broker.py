@@ -26,15 +26,7 @@ from ..bus.messages import ErrorReply
 from ..bus.records import BrokerStatus
 from ..bus.schema import MessageError
 from ..bus.sockets import Publisher, drain
-from .broker_core import (
-    Accepted,
-    Answer,
-    Dispatch,
-    Removed,
-    Scheduler,
-    SchedulerConfig,
-    ToWorker,
-)
+from .broker_core import Accepted, Answer, Dispatch, Removed, Scheduler, SchedulerConfig, ToWorker
 
 
 @dataclass
