@@ -151,15 +151,21 @@ class Actuator:
 
         Returns False when stopped while waiting; raises SetupError on a mismatch.
         """
-        start = time.monotonic()
+        start = next_ask = time.monotonic()
+        problem = None
         while not self.stop_event.wait(0.05):
             now = time.monotonic()
-            problem = None
-            if self.model is None:
+            if self.model is None and now >= next_ask:  # twice a second: waiting must not flood the broker
                 self.model, problem = ask_model(self.client, self.config.service)
+                next_ask = now + 0.5
             state = self.inputs.latest(STATE)
             if self.model is not None and state is not None:
                 self.check(self.model, state.message)
+                wanted = set(self.model.camera_inputs())
+                if wanted and (unused := sorted(set(self.config.cameras.values()) - wanted)):
+                    self.log.warning("cameras the model does not use are not sent", unused=unused,
+                                     model_inputs=sorted(wanted))
+                    self.config.cameras = {name: key for name, key in self.config.cameras.items() if key in wanted}
                 return True
             if now - start < FIRST_WARNING:
                 continue
@@ -181,9 +187,6 @@ class Actuator:
                 sent = ", ".join(f"{name}={feature}" for name, feature in self.config.cameras.items()) or "no camera"
                 problems.append(f"the model needs camera input {key!r}, which no --camera gives (sending: {sent}): "
                                 f"add `--camera NAME={key}` with the camera that shows that view")
-        if wanted and (unused := sorted(given - set(wanted))):
-            self.log.warning("cameras the model does not use are not sent", unused=unused, model_inputs=wanted)
-            self.config.cameras = {name: key for name, key in self.config.cameras.items() if key in wanted}
         joints = len(state.names)
         if (size := model.state_size()) is not None and size != joints:
             problems.append(f"the model's state has {size} values, but the arm {arm!r} publishes "
