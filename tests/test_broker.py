@@ -265,8 +265,12 @@ def test_garbage_on_both_sockets_leaves_the_broker_serving(broker, client, proce
             sockets.append(s)
         s.send_multipart(frames or [b""])
     assert isinstance(client.request("svc", request("valid"), timeout=10), ActionChunk)
-    status = client.status()
-    assert status.counters["malformed_frontend"] > 0 and status.counters["malformed_backend"] > 0
+
+    def both_counted():  # the garbage travels on connections of its own: it may still be on its way
+        counters = client.status().counters
+        return counters["malformed_frontend"] > 0 and counters["malformed_backend"] > 0
+
+    assert wait_for(both_counted, timeout=10, what="malformed messages counted on both sockets")
     assert broker.process.poll() is None
     for s in sockets:
         s.close(linger=0)
