@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PUB_SUFFIX = ".pub"
+CONTROL_SUFFIX = ".ctl"  # a node's control socket (REP): `chunkbus task` asks the actuator there
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
@@ -75,9 +76,9 @@ def check_node_name(name: str) -> str:
     return name
 
 
-def publisher_endpoint(node: str, directory: Path | None = None) -> str:
-    """The ipc endpoint that node `node` publishes on."""
-    path = (directory or runtime_dir()) / f"{check_node_name(node)}{PUB_SUFFIX}"
+def publisher_endpoint(node: str, directory: Path | None = None, suffix: str = PUB_SUFFIX) -> str:
+    """The ipc endpoint that node `node` publishes on (or, with CONTROL_SUFFIX, answers on)."""
+    path = (directory or runtime_dir()) / f"{check_node_name(node)}{suffix}"
     if len(str(path).encode()) > MAX_IPC_PATH:
         raise EndpointError(
             f"ipc path {path} is longer than the {MAX_IPC_PATH} bytes a Unix socket allows: "

@@ -201,6 +201,27 @@ class Stats(Message):
     }
 
 
+@dataclass(eq=False)
+class SetTask(Message):
+    """Asks an actuator (on its control socket) to use another task from its next request on."""
+
+    TYPE: ClassVar[str] = "set_task"
+    task: str
+    SCHEMA: ClassVar = {"task": text()}
+
+
+@dataclass(eq=False)
+class TaskSet(Message):
+    """The actuator's answer to SetTask: requests from `tick` on carry `task`."""
+
+    TYPE: ClassVar[str] = "task_set"
+    robot_id: str
+    task: str
+    previous: str
+    tick: int
+    SCHEMA: ClassVar = {"robot_id": text(NAME), "task": text(), "previous": text(), "tick": integer()}
+
+
 ERROR_CODES = (
     "bad_request",  # the request itself is wrong (missing camera, wrong state size, ...)
     "expired",  # its time-to-live passed before a worker took it

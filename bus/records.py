@@ -46,6 +46,9 @@ class ModelDescription(Record):
     fps: float | None = None  # the rate it was trained at, where known
     device: str = ""
     scripted: bool = False  # a deterministic trajectory for tests, not a model
+    needs_task: bool = False  # language-conditioned: every request must say its task
+    dtype: str = ""  # the weights' type on the worker: float32, bfloat16, float16
+    compiled: bool = False  # run through torch.compile
     SCHEMA: ClassVar = {
         "type": text(NAME),
         "name": text(),
@@ -56,6 +59,9 @@ class ModelDescription(Record):
         "fps": optional(number(minimum=0.0)),
         "device": text(),
         "scripted": boolean(),
+        "needs_task": boolean(),
+        "dtype": text(),
+        "compiled": boolean(),
     }
 
     def camera_inputs(self) -> list[str]:

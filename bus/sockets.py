@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import zmq
 
 from .codec import MAX_MESSAGE_BYTES, decode, encode
-from .endpoints import claim, publisher_endpoint, resolve
+from .endpoints import CONTROL_SUFFIX, claim, publisher_endpoint, resolve
 from .log import Every, get_logger
-from .messages import Message
+from .messages import ErrorReply, Message
 from .schema import MessageError
 
 POLL_MS = 50  # how often a background thread checks that it should stop
@@ -224,3 +224,48 @@ class Subscriber:
             self._log.warning(
                 "dropped malformed message", topic=topic, error=str(exc), rejected=self.rejected
             )
+
+
+class ControlServer:
+    """A node's control socket (REP at `<node>.ctl` in the runtime directory): commands such
+    as `chunkbus task` ask, the node answers. Served without blocking from the node's own loop."""
+
+    def __init__(self, node: str, context: zmq.Context | None = None):
+        self.endpoint = publisher_endpoint(node, suffix=CONTROL_SUFFIX)
+        claim(self.endpoint)
+        self.socket = (context or zmq.Context.instance()).socket(zmq.REP)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.socket.bind(self.endpoint)
+
+    def serve_waiting(self, handle: Callable[[Message], Message]) -> None:
+        """Answer what waits now (at most one: REP answers in turn) with `handle(message)`."""
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        try:
+            reply = handle(decode(frames))
+        except MessageError as exc:
+            reply = ErrorReply("", "bad_request", f"not a valid control message: {exc}")
+        self.socket.send_multipart(encode(reply), copy=False)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def ask_node(node: str, message: Message, timeout: float = 2.0) -> Message:
+    """Send `message` to node `node`'s control socket and return its answer; TimeoutError
+    when no node of that name answers within `timeout` seconds."""
+    endpoint = publisher_endpoint(node, suffix=CONTROL_SUFFIX)
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send_multipart(encode(message), copy=False)
+        if not socket.poll(int(timeout * 1000), zmq.POLLIN):
+            raise TimeoutError(f"no node {node!r} answers at {endpoint} within {timeout:g} s: is it running on this "
+                               "host, under this name (--name)?")
+        return decode(socket.recv_multipart(copy=False))
+    finally:
+        socket.close()

@@ -14,6 +14,9 @@ from another model than the one checked): a mismatch is one error that
 names the fix, and the node exits (EXIT_PERMANENT) instead of sending the GPU host 30 bad
 requests a second. Whatever goes wrong later (a silent broker, a silent camera) is named
 in a warning at once and then at most every WARN_EVERY seconds, while the arm holds.
+
+The task its requests carry (language-conditioned policies need one) can change while it
+runs: `chunkbus task` asks on the actuator's control socket, answered between two ticks.
 """
 
 from __future__ import annotations
@@ -31,9 +34,19 @@ from ..bus.client import BrokerClient, BrokerUnavailable, new_request_id
 from ..bus.endpoints import COMMAND, STATE, camera_node, camera_topic, stats_topic
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import Every, get_logger
-from ..bus.messages import ActionChunk, Command, ErrorReply, Observation, ObservationRequest, Stats
+from ..bus.messages import (
+    ActionChunk,
+    Command,
+    ErrorReply,
+    Message,
+    Observation,
+    ObservationRequest,
+    SetTask,
+    Stats,
+    TaskSet,
+)
 from ..bus.records import ModelDescription
-from ..bus.sockets import Publisher, Subscriber
+from ..bus.sockets import ControlServer, Publisher, Subscriber
 from ..bus.ticker import Ticker
 from . import stitching
 
@@ -102,6 +115,11 @@ class Actuator:
         self.input_names = {topic: f"{'state from the arm' if topic == STATE else f'frames from {topic}'} at {where}"
                             for topic, where in zip(topics, self.inputs.endpoints)}
         self.publisher = Publisher(config.name)
+        try:
+            self.control = ControlServer(config.name)  # `chunkbus task` changes the task here
+        except Exception:
+            self.publisher.close()
+            raise
         self.client = BrokerClient(config.broker, connect_timeout=0.0)
         self.model: ModelDescription | None = None  # the service's, from the broker (mmi.model)
         self.unfit: str | None = None  # why a model that came later does not fit this robot
@@ -122,6 +140,7 @@ class Actuator:
         self.paused_until = 0.0  # no requests before this: the last one was refused as bad
         self.pause = 1.0  # seconds; doubles with each bad request in a row
         self.loop_start = 0.0
+        self.tick = 0
 
     def warn(self, problem: str, text: str, now: float, error: bool = False, **fields) -> None:
         """Log `text` now, and again for the same problem at most every WARN_EVERY seconds."""
@@ -141,6 +160,7 @@ class Actuator:
         finally:
             self.client.close()
             self.inputs.close()
+            self.control.close()
             self.publisher.close()
             self.log.info("actuator stopped", **self.counts)
 
@@ -155,6 +175,7 @@ class Actuator:
         problem = None
         while not self.stop_event.wait(0.05):
             now = time.monotonic()
+            self.control.serve_waiting(self.on_control)
             if self.model is None and now >= next_ask:  # twice a second: waiting must not flood the broker
                 self.model, problem = ask_model(self.client, self.config.service)
                 next_ask = now + 0.5
@@ -192,6 +213,9 @@ class Actuator:
             problems.append(f"the model's state has {size} values, but the arm {arm!r} publishes "
                             f"{joints} joints ({', '.join(state.names)}): serve a policy trained on this arm, "
                             "or point --arm at the arm it was trained on")
+        if model.needs_task and not self.config.task:
+            problems.append(f"{model.type} is language-conditioned and this actuator has no task: give it "
+                            "--task \"what to do\" (you can change it while it runs with `chunkbus task`)")
         if model.action_size != joints:
             problems.append(f"the model's actions have {model.action_size} values, but the arm {arm!r} has {joints} "
                             f"joints ({', '.join(state.names)}): serve a policy trained on this arm, or point --arm at "
@@ -223,11 +247,13 @@ class Actuator:
         self.loop_start = time.monotonic()
         next_stats = self.loop_start + 1.0
         announce_ready(self.log, "actuator", service=self.config.service, broker=self.config.broker,
-                       fps=self.config.fps, strategy=self.config.strategy)
+                       fps=self.config.fps, strategy=self.config.strategy, task=self.config.task)
         seq = 0
         while not self.stop_event.is_set():
             tick = ticker.wait()
             now = time.monotonic()
+            self.tick = tick
+            self.control.serve_waiting(self.on_control)
             self.take_replies(tick, now)
             if self.command(tick, now, seq):
                 seq += 1
@@ -236,6 +262,16 @@ class Actuator:
             if now >= next_stats:
                 next_stats += 1.0
                 self.report(tick, ticker)
+
+    def on_control(self, message: Message) -> Message:
+        """Answer a control message (`chunkbus task`): the task changes from the next request on."""
+        if not isinstance(message, SetTask):
+            return ErrorReply("", "bad_request", f"the actuator takes set_task, not {message.TYPE}")
+        if not message.task and self.model is not None and self.model.needs_task:
+            return ErrorReply("", "bad_request", f"{self.model.type} is language-conditioned: the task cannot be empty")
+        previous, self.config.task = self.config.task, message.task
+        self.log.info("task changed", task=message.task, previous=previous, tick=self.tick)
+        return TaskSet(self.config.robot_id, message.task, previous, self.tick + 1)
 
     def take_replies(self, tick: int, now: float) -> None:
         while (reply := self.client.receive(0)) is not None:

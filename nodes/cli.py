@@ -12,6 +12,7 @@ from ..bus.lifecycle import follow_launcher
 from ..bus.log import LEVELS
 from ..launch.cli import launch_command
 from .cli_options import BROKER_FORMS, CLIENT_BROKER, BrokerAddress, LogOptions, PermanentError, pairs
+from .policies import DTYPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -101,11 +102,24 @@ def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
 @click.option(
     "--threads", type=click.IntRange(1), default=None, help="CPU threads for torch [default: torch's choice]."
 )
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32",
+              help="The model's number type: bfloat16 halves memory and is faster on GPUs from Ampere on (the π "
+                   "family keeps its vision tower in float32).")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile the model (compiled for batches of 1 and --max-batch before it registers).")
+@click.option("--tokenizer", default=None,
+              help="A folder (or hub id) with the text tokenizer, instead of the one the checkpoint names: "
+                   "PaliGemma's for π0, π0.5 and π0-FAST; for SmolVLA its VLM's folder (config and tokenizer).")
+@click.option("--action-tokenizer", default=None,
+              help="A folder (or hub id) with π0-FAST's FAST action tokenizer, instead of the checkpoint's.")
+@click.option("--default-task", default="",
+              help="The task for warm-up, and for requests that carry none (language-conditioned policies).")
 @click.pass_obj
 def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int,
-           threads: int | None) -> None:
+           threads: int | None, dtype: str, compile_model: bool, tokenizer: str | None, action_tokenizer: str | None,
+           default_task: str) -> None:
     """Serve one policy on one device to the broker."""
-    from .policies import PolicyLoadError, load_policy
+    from .policies import LoadOptions, PolicyLoadError, load_policy
     from .worker import serve
 
     logger = log.start("worker")
@@ -113,8 +127,10 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
         import torch
 
         torch.set_num_threads(threads)
+    options = LoadOptions(dtype=dtype, compile=compile_model, tokenizer=tokenizer, action_tokenizer=action_tokenizer,
+                          default_task=default_task, max_batch=max_batch)
     try:
-        loaded = load_policy(policy, device)
+        loaded = load_policy(policy, device, options)
     except PolicyLoadError as exc:  # a restart loads the same nothing: exit EXIT_PERMANENT
         raise PermanentError(str(exc)) from None
     service = service or loaded.describe().type
@@ -270,6 +286,26 @@ def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **
                              camera_nodes=pairs(camera_node, "--camera-node"), **options))
     except SetupError as exc:
         raise PermanentError(str(exc)) from None
+
+
+@main.command()
+@click.argument("text")
+@click.option("--actuator", "actuator_name", default="actuator",
+              help="The actuator's node name (its --name) on this host.")
+@click.pass_obj
+def task(log: LogOptions, text: str, actuator_name: str) -> None:
+    """Change the task a running actuator sends, from its next request on."""
+    from ..bus.messages import ErrorReply, SetTask
+    from ..bus.sockets import ask_node
+
+    log.start("task")
+    try:
+        answer = ask_node(actuator_name, SetTask(text))
+    except TimeoutError as exc:
+        raise click.ClickException(f"{exc} (`chunkbus endpoints` lists the nodes running here)") from None
+    if isinstance(answer, ErrorReply):
+        raise click.ClickException(f"the actuator refused: {answer.message}")
+    click.echo(f"robot {answer.robot_id}: task {answer.task!r} from tick {answer.tick} (was {answer.previous!r})")
 
 
 @main.group()

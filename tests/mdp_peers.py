@@ -105,9 +105,9 @@ def start_broker(processes, *options: str, frontend="tcp://127.0.0.1:*", backend
     return BrokerProcess(process, process.ready_event["frontend"], process.ready_event["backend"], metrics_port)
 
 
-def start_worker(processes, backend: str, policy: str, *options: str) -> NodeProcess:
+def start_worker(processes, backend: str, policy: str, *options: str, **kwargs) -> NodeProcess:
     """A `chunkbus worker` process; waits until it is ready."""
-    return processes.start_node("worker", "--broker", backend, "--policy", policy, *options, timeout=120)
+    return processes.start_node("worker", "--broker", backend, "--policy", policy, *options, timeout=120, **kwargs)
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
+from safetensors.torch import save_file
 from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
 
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
@@ -184,18 +185,20 @@ def test_an_unreachable_hub_fails_in_seconds_saying_to_download_it(tmp_path):
     assert seconds < 20
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="lerobot[pi] is installed")
+@pytest.mark.skipif(importlib.util.find_spec("torchdiffeq") is not None, reason="lerobot[wallx] is installed")
 def test_a_policy_whose_lerobot_extra_is_missing_exits_permanently(tmp_path):
+    # chunkbus installs the extras of the policies it tests (smolvla, pi, groot), not WALL-OSS's.
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies import make_policy_config
 
     config = make_policy_config(
-        "pi0", input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
+        "wall_x", input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
         output_features={"action": PolicyFeature(FeatureType.ACTION, (6,))}, device="cpu",
     )
     config._save_pretrained(tmp_path)
+    save_file({}, tmp_path / "model.safetensors")  # the extra is missing before any weight is read
     line = error_line(worker_fails(str(tmp_path))[0])
-    assert "The `pi0` policy needs a library that is not installed" in line and "lerobot[pi]" in line
+    assert "The `wall_x` policy needs a library that is not installed" in line and "lerobot[wallx]" in line
 
 
 def test_lerobot_prints_while_loading_become_one_structured_line(checkpoints, processes):

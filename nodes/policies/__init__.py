@@ -46,12 +46,27 @@ class Policy(Protocol):
         """One action chunk (or a BadRequest) per request, computed as one batch."""
 
 
+@dataclass
+class LoadOptions:
+    """How a worker loads and runs a LeRobot policy (`chunkbus worker` options)."""
+
+    dtype: str = "float32"  # float32, bfloat16 or float16: the weights' and activations' type
+    compile: bool = False  # torch.compile the model, warmed up before READY
+    tokenizer: str | None = None  # a folder or hub id for the text tokenizer (SmolVLA: its VLM's folder)
+    action_tokenizer: str | None = None  # π0-FAST's action tokenizer
+    default_task: str = ""  # the task for warm-up, and for requests that carry none
+    max_batch: int = 1  # the largest batch it will run: warmed up (and compiled) for it
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class PolicyLoadError(RuntimeError):
     """The policy cannot be loaded as configured (no such folder, not a checkpoint, a hub id
     that cannot be fetched, a missing lerobot extra): trying again cannot help. One line."""
 
 
-def load_policy(spec: str, device: str = "cpu") -> Policy:
+def load_policy(spec: str, device: str = "cpu", options: LoadOptions | None = None) -> Policy:
     """The policy `spec` names; PolicyLoadError when the configuration is what is wrong."""
     if spec.startswith("scripted:"):
         from .scripted import ScriptedPolicy
@@ -69,4 +84,4 @@ def load_policy(spec: str, device: str = "cpu") -> Policy:
             spec = demo_checkpoint(spec.removeprefix("demo:"))
         except ValueError as exc:
             raise PolicyLoadError(str(exc)) from exc
-    return LerobotPolicy(spec, device)
+    return LerobotPolicy(spec, device, options or LoadOptions())

@@ -14,6 +14,7 @@ What goes wrong while loading is said in one line (lerobot_loading.py).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,21 @@ from ...bus.log import get_logger
 from ...bus.messages import ObservationRequest
 from ...bus.records import Feature, ModelDescription
 from ...bus.schema import JpegImage, MessageError
-from . import BadRequest, BatchResult, Result
-from .lerobot_loading import check_device, config_errors, locate, prints_logged
+from . import BadRequest, BatchResult, LoadOptions, Result
+from .lerobot_loading import (
+    check_assets,
+    check_device,
+    choose_dtype,
+    compiler_missing,
+    config_errors,
+    fetch_weights,
+    locate,
+    one_line,
+    point_assets,
+    prints_logged,
+    reads_task,
+    saved_steps,
+)
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -43,13 +57,15 @@ def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 class LerobotPolicy:
-    def __init__(self, path_or_id: str, device: str = "cpu"):
+    def __init__(self, path_or_id: str, device: str = "cpu", options: LoadOptions | None = None):
         import torch
         from lerobot.configs.policies import PreTrainedConfig
         from lerobot.policies import get_policy_class, make_pre_post_processors
 
+        options = options or LoadOptions()
         self.log = get_logger(component="policy")
         self.torch = torch
+        self.options = options
         check_device(torch, device)
         path_or_id, hub = locate(path_or_id)
         start = time.perf_counter()
@@ -58,35 +74,72 @@ class LerobotPolicy:
                 config = PreTrainedConfig.from_pretrained(path_or_id)
             config.device = device
             self.config = config
+            self.dtype = choose_dtype(torch, device, options.dtype, self.log)
+            with config_errors(path_or_id, hub, config.type):
+                steps = saved_steps(path_or_id, hub)
+            # What the checkpoint fetches besides itself (tokenizers, a VLM's config): checked
+            # before the weights load, so a missing one is said in seconds, not minutes.
+            overrides = point_assets(config, steps, options)
+            check_assets(config, steps)
+            with config_errors(path_or_id, hub, config.type):
+                fetch_weights(path_or_id, hub)
+            # The π family keeps its vision tower in float32 itself (config.dtype); the others
+            # get their weights in the dtype and run under autocast, which casts what they
+            # make in float32 themselves (flow matching's noise) to meet them.
+            self.autocast = not hasattr(config, "dtype") and self.dtype is not torch.float32
+            if hasattr(config, "dtype"):
+                config.dtype = "bfloat16" if self.dtype is torch.bfloat16 else "float32"
             with config_errors(path_or_id, hub, config.type):
                 self.policy = get_policy_class(config.type).from_pretrained(path_or_id, config=config)
                 self.policy.to(device)
+                if self.autocast:
+                    self.policy.to(self.dtype)
                 self.policy.eval()
-                override = {"device": device}
                 self.preprocessor, self.postprocessor = make_pre_post_processors(
                     config,
                     pretrained_path=path_or_id,
-                    preprocessor_overrides={"device_processor": override},
-                    postprocessor_overrides={"device_processor": override},
+                    preprocessor_overrides={"device_processor": {"device": device}, **overrides},
+                    postprocessor_overrides={"device_processor": {"device": device}},
                 )
         self.name = f"{config.type}:{Path(path_or_id).name}"
         self.device = device
-        self.n_obs_steps = int(getattr(config, "n_obs_steps", 1) or 1)
-        features = config.input_features
-        self.image_keys = [k for k, f in features.items() if f.type.name == "VISUAL"]
-        self.state_key = next((k for k, f in features.items() if f.type.name == "STATE"), None)
-        self.state_size = int(features[self.state_key].shape[0]) if self.state_key else 0
-        self.image_shapes = {k: tuple(int(n) for n in features[k].shape) for k in self.image_keys}  # C, H, W
+        self.needs_task = reads_task(self.preprocessor)
+        self.inputs = Inputs.of(config)
+        self.n_obs_steps = self.inputs.n_obs_steps
         self.action_size = int(config.output_features["action"].shape[0])
         self._letterboxed: set[tuple] = set()
         self.load_s = time.perf_counter() - start
+        self.predict = self.policy.predict_action_chunk
+        self.compiled = False
         start = time.perf_counter()
+        if options.compile:
+            self.compiled = self.compile()
         self.chunk_size = self.warm_up()
         self.log.info(
-            "policy loaded and warmed up", type=config.type, device=device, load_s=round(self.load_s, 2),
-            warm_up_s=round(time.perf_counter() - start, 2), chunk_size=self.chunk_size,
-            n_obs_steps=self.n_obs_steps,
+            "policy loaded and warmed up", type=config.type, device=device, dtype=self.describe_dtype(),
+            compiled=self.compiled, load_s=round(self.load_s, 2), warm_up_s=round(time.perf_counter() - start, 2),
+            chunk_size=self.chunk_size, n_obs_steps=self.n_obs_steps, needs_task=self.needs_task,
         )
+
+    def describe_dtype(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def compile(self) -> bool:
+        """torch.compile the model's chunk prediction, warmed up (compiled) for batches of 1 and
+        --max-batch; False, and logged, when this machine cannot compile it."""
+        missing = compiler_missing(self.device)
+        if missing:
+            self.log.warning(f"--compile needs {missing}: serving the model uncompiled")
+            return False
+        self.predict = self.torch.compile(self.policy.predict_action_chunk)
+        try:
+            for size in sorted({1, self.options.max_batch}):
+                self.warm_up(size)
+        except Exception as exc:  # inductor's and dynamo's many errors: the eager model still works
+            self.log.warning("torch.compile failed: serving the model uncompiled", error=one_line(exc))
+            self.predict = self.policy.predict_action_chunk
+            return False
+        return True
 
     def describe(self) -> ModelDescription:
         inputs = {
@@ -95,15 +148,25 @@ class LerobotPolicy:
         }
         # fps: a LeRobot checkpoint does not record its dataset's rate.
         return ModelDescription(type=self.config.type, name=self.name, inputs=inputs, action_size=self.action_size,
-                                chunk_size=self.chunk_size, n_obs_steps=self.n_obs_steps, device=self.device)
+                                chunk_size=self.chunk_size, n_obs_steps=self.n_obs_steps, device=self.device,
+                                needs_task=self.needs_task, dtype=self.describe_dtype(), compiled=self.compiled)
 
-    def warm_up(self) -> int:
+    def warm_up(self, batch: int = 1) -> int:
         """Run the model once (lazy initialisation, kernels) before READY; returns the chunk length."""
         steps = []
         for _ in range(self.n_obs_steps):
-            images = {k: np.zeros((h, w, c), np.uint8) for k, (c, h, w) in self.image_shapes.items()}
-            steps.append((np.zeros(self.state_size, np.float32), images))
-        return int(self.infer([steps]).shape[1])
+            images = {k: np.zeros((h, w, c), np.uint8) for k, (c, h, w) in self.inputs.image_shapes.items()}
+            steps.append((np.zeros(self.inputs.state_size, np.float32), images))
+        return int(self.infer([steps] * batch, [self.options.default_task] * batch).shape[1])
+
+    def task(self, request: ObservationRequest) -> str:
+        task = request.task or self.options.default_task
+        if self.needs_task and not task:
+            raise BadRequest(
+                f"{self.config.type} is language-conditioned and the request has no task: give the actuator "
+                "--task \"what to do\" (or start the worker with --default-task)"
+            )
+        return task
 
     # --- requests -------------------------------------------------------------------------
 
@@ -116,14 +179,14 @@ class LerobotPolicy:
             )
         steps = []
         for observation in request.observations[-self.n_obs_steps :]:
-            state = observation.state
-            if self.state_key and state.shape != (self.state_size,):
-                raise BadRequest(f"state has {state.size} values; {self.state_key} needs {self.state_size}")
+            state, inputs = observation.state, self.inputs
+            if inputs.state_key and state.shape != (inputs.state_size,):
+                raise BadRequest(f"state has {state.size} values; {inputs.state_key} needs {inputs.state_size}")
             images = {}
-            for key in self.image_keys:
+            for key in self.inputs.image_keys:
                 if key not in observation.images:
                     raise BadRequest(
-                        f"missing camera {key!r}: the model needs {', '.join(self.image_keys)}; "
+                        f"missing camera {key!r}: the model needs {', '.join(self.inputs.image_keys)}; "
                         f"the request has {', '.join(observation.images) or 'none'}"
                     )
                 images[key] = self.image(key, observation.images[key])
@@ -137,7 +200,7 @@ class LerobotPolicy:
             raise BadRequest(f"{key}: {exc}") from exc
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
-        channels, height, width = self.image_shapes[key]
+        channels, height, width = self.inputs.image_shapes[key]
         if pixels.shape[2] != channels:
             raise BadRequest(f"{key} has {pixels.shape[2]} channels; the model needs {channels}")
         if pixels.shape[:2] != (height, width):
@@ -154,68 +217,120 @@ class LerobotPolicy:
     def run(self, requests: list[ObservationRequest]) -> BatchResult:
         start = time.perf_counter()
         results: list[Result] = [Result() for _ in requests]
-        batch, members = [], []
+        batch, tasks, members = [], [], []
         for i, request in enumerate(requests):
             try:
-                batch.append(self.prepare(request))
-                members.append(i)
+                task, steps = self.task(request), self.prepare(request)
             except BadRequest as exc:
                 results[i].error = exc
+                continue
+            tasks.append(task)
+            batch.append(steps)
+            members.append(i)
         timings = {"prepare": time.perf_counter() - start}
         if batch:
-            actions = self.infer(batch, timings)
+            actions = self.infer(batch, tasks, timings)
             for i, chunk in zip(members, actions):
                 results[i].actions = chunk
         return BatchResult(results, timings)
 
-    def infer(self, batch: list[list], timings: dict[str, float] | None = None) -> np.ndarray:
-        """(batch, chunk, action size) float32 actions for a batch of histories."""
+    def infer(self, batch: list[list], tasks: list[str], timings: dict[str, float] | None = None) -> np.ndarray:
+        """(batch, chunk, action size) float32 actions for a batch of histories and their tasks."""
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
+        steps = preprocess(self.preprocessor, self.inputs, batch, tasks)
+        timings["preprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        chunk = self.predict_chunk(steps)
+        timings["inference"] = time.perf_counter() - start
+        start = time.perf_counter()
+        actions = postprocess(self.postprocessor, chunk)
+        timings["postprocess"] = time.perf_counter() - start
+        return actions
+
+    def predict_chunk(self, steps: list[dict]):
+        """The model's (B, chunk, width) actions for the pre-processed history `steps`."""
         torch = self.torch
         from lerobot.policies.utils import populate_queues
         from lerobot.utils.constants import OBS_IMAGES
 
-        timings = {} if timings is None else timings
-        start = time.perf_counter()
-        steps = []
-        for t in range(self.n_obs_steps):
-            step: dict[str, Any] = {}
-            if self.state_key:
-                step[self.state_key] = torch.from_numpy(np.stack([h[t][0] for h in batch]))
-            for key in self.image_keys:
-                pixels = np.stack([h[t][1][key] for h in batch])  # B, H, W, C uint8
-                # CHW float in 0..1, laid out contiguously: lerobot's normaliser ran 6x slower
-                # on the strided view a bare permute gives.
-                chw = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-                step[key] = chw.to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
-            processed = self.preprocessor(step)
-            # The pipeline's output also holds empty non-observation entries (action, ...).
-            steps.append({k: v for k, v in processed.items() if k.startswith("observation.") and v is not None})
-        timings["preprocess"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.inference_mode():
+        image_keys = self.inputs.image_keys
+        autocast = torch.autocast(torch.device(self.device).type, self.dtype, enabled=self.autocast)
+        with torch.inference_mode(), autocast:
             self.policy.reset()
             queues = getattr(self.policy, "_queues", None)
             if queues is not None:
                 # Fill the observation queues with the history, as select_action would.
                 for step in steps:
                     step = dict(step)
-                    if self.image_keys and OBS_IMAGES in queues:
-                        step[OBS_IMAGES] = torch.stack([step[k] for k in self.image_keys], dim=-4)
+                    if image_keys and OBS_IMAGES in queues:
+                        step[OBS_IMAGES] = torch.stack([step[k] for k in image_keys], dim=-4)
                     populate_queues(queues, step)
                 last = dict(steps[-1])
-                if self.image_keys and OBS_IMAGES in queues:
+                if image_keys and OBS_IMAGES in queues:
                     last[OBS_IMAGES] = queues[OBS_IMAGES][-1]
             else:
                 last = steps[-1]
-            chunk = self.policy.predict_action_chunk(last)
+            chunk = self.predict(last)
             if chunk.ndim == 2:
                 chunk = chunk.unsqueeze(0)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
-        timings["inference"] = time.perf_counter() - start
-        start = time.perf_counter()
-        size, length, width = chunk.shape
-        actions = self.postprocessor(chunk.reshape(size * length, width))
-        actions = actions.reshape(size, length, -1).float().cpu().numpy()
-        timings["postprocess"] = time.perf_counter() - start
-        return actions
+        return chunk
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a checkpoint takes in, from its config: the history length, the state, the cameras."""
+
+    n_obs_steps: int
+    state_key: str | None
+    state_size: int
+    image_keys: list[str]
+    image_shapes: dict[str, tuple[int, ...]]  # C, H, W
+
+    @classmethod
+    def of(cls, config) -> Inputs:
+        features = config.input_features
+        image_keys = [k for k, f in features.items() if f.type.name == "VISUAL"]
+        state_key = next((k for k, f in features.items() if f.type.name == "STATE"), None)
+        return cls(
+            n_obs_steps=int(getattr(config, "n_obs_steps", 1) or 1),
+            state_key=state_key,
+            state_size=int(features[state_key].shape[0]) if state_key else 0,
+            image_keys=image_keys,
+            image_shapes={k: tuple(int(n) for n in features[k].shape) for k in image_keys},
+        )
+
+
+def preprocess(preprocessor, inputs: Inputs, batch: list[list], tasks: list[str]) -> list[dict]:
+    """Run lerobot's pre-processor on a batch of histories ((state, images) steps, oldest first)
+    and their tasks: the model's inputs for each history step."""
+    import torch
+
+    steps = []
+    for t in range(inputs.n_obs_steps):
+        # One task per batch member: π0.5's and π0-FAST's prompt steps take a list of B
+        # (a bare string would tokenize one prompt for the whole batch).
+        step: dict[str, Any] = {"task": list(tasks)}
+        if inputs.state_key:
+            step[inputs.state_key] = torch.from_numpy(np.stack([h[t][0] for h in batch]))
+        for key in inputs.image_keys:
+            pixels = np.stack([h[t][1][key] for h in batch])  # B, H, W, C uint8
+            # CHW float in 0..1, laid out contiguously: lerobot's normaliser ran 6x slower
+            # on the strided view a bare permute gives.
+            chw = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            step[key] = chw.to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
+        processed = preprocessor(step)
+        # The pipeline's output also holds empty non-observation entries (action, ...).
+        steps.append({k: v for k, v in processed.items() if k.startswith("observation.") and v is not None})
+    return steps
+
+
+def postprocess(postprocessor, chunk) -> np.ndarray:
+    """lerobot's post-processor on the model's (B, chunk, width) actions: float32 robot actions.
+
+    The chunk goes in as it is: a relative-action checkpoint's last step adds each member's
+    newest state (which the pre-processor cached) to that member's actions.
+    """
+    return postprocessor(chunk).float().cpu().numpy()

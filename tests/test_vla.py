@@ -1,0 +1,260 @@
+"""Language-conditioned policies (SmolVLA, π0, π0.5, π0-FAST): the task reaches the model.
+
+A tiny SmolVLA (random weights, its VLM config and tokenizer made locally) runs for real,
+over a broker. π0, π0.5 and π0-FAST are 2-3 B parameters: their processors (the language
+path, relative actions) and their loading errors are checked here, the models themselves
+by scripts/bench_models.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
+from pi_checkpoints import IMAGE_SHAPE, pi_config, pi_processors, save_pi_checkpoint, stand_in_tokenizers
+from tiny_policies import ACTION_SIZE, CAMERAS
+
+from chunkbus.bus import ActionChunk, Observation, ObservationRequest
+from chunkbus.bus.client import BrokerClient, RequestFailed
+from chunkbus.bus.endpoints import capture_topic
+from chunkbus.bus.lifecycle import EXIT_PERMANENT
+from chunkbus.bus.sockets import Subscriber
+from chunkbus.nodes.policies import LoadOptions
+from chunkbus.nodes.policies.demo import save_random_smolvla, save_text_tokenizer
+from chunkbus.nodes.policies.lerobot import Inputs, LerobotPolicy, postprocess, preprocess
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+SMOLVLA_CHUNK = 10  # the tiny SmolVLA's chunk_size
+
+
+@pytest.fixture(scope="module")
+def smolvla(tmp_path_factory):
+    return save_random_smolvla(tmp_path_factory.mktemp("smolvla") / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return save_text_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def request(request_id: str, task: str, seed: int = 0, shape=(96, 128)) -> ObservationRequest:
+    rng = np.random.default_rng(seed)
+    images = {camera: rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for camera in CAMERAS}
+    observation = Observation(tick=5, time=time.monotonic(), state=rng.standard_normal(6).astype(np.float32),
+                              images=images)
+    return ObservationRequest(robot_id="so101", request_id=request_id, tick=5, fps=30.0,
+                              send_time=time.monotonic(), task=task, observations=[observation])
+
+
+# --- SmolVLA, for real ---------------------------------------------------------------------
+
+
+def test_a_tiny_smolvla_is_served_over_the_broker_and_needs_a_task(smolvla, processes):
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, str(smolvla), "--max-batch", "2")
+    with BrokerClient(broker.frontend) as client:
+        service = wait_for(lambda: client.status().services.get("smolvla"), timeout=60, what="the smolvla worker")
+        assert service.model.needs_task and service.model.type == "smolvla" and service.model.dtype == "float32"
+        reply = client.request("smolvla", request("a", "pick up the red cube"), timeout=60)
+        assert isinstance(reply, ActionChunk), reply
+        assert reply.actions.shape == (SMOLVLA_CHUNK, ACTION_SIZE) and np.isfinite(reply.actions).all()
+        with pytest.raises(RequestFailed) as failed:
+            client.request("smolvla", request("b", ""), timeout=60)
+    refused = failed.value.error
+    assert refused.code == "bad_request"
+    assert "language-conditioned and the request has no task" in refused.message and "--task" in refused.message
+    ping = subprocess.run([CHUNKBUS, "ping", "--broker", broker.frontend, "--service", "smolvla"],
+                          capture_output=True, text=True, timeout=60)
+    assert ping.returncode == 0 and f"chunk shape {SMOLVLA_CHUNK} actions x {ACTION_SIZE} values" in ping.stdout, (
+        ping.stdout + ping.stderr)
+
+
+def test_each_task_in_a_batch_conditions_its_own_chunk(smolvla):
+    policy = LerobotPolicy(str(smolvla), "cpu", LoadOptions(max_batch=2))
+    # Flow matching starts from fresh noise on every call: the same noise for every batch
+    # member, so a difference between two chunks comes from their tasks alone.
+    noise = torch.randn(1, policy.config.chunk_size, policy.config.max_action_dim)
+    policy.policy.model.sample_noise = lambda shape, device: noise.expand(shape[0], -1, -1).clone()
+    cube, towel = request("cube", "pick up the red cube"), request("towel", "fold the towel")
+    alone = [policy.run([r]).results[0].actions for r in (cube, towel)]
+    together = [result.actions for result in policy.run([cube, towel]).results]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3, "the task does not reach the model"
+    for single, batched in zip(alone, together):
+        np.testing.assert_allclose(batched, single, atol=1e-4)  # members are not mixed up
+
+
+def test_the_worker_answers_a_request_without_a_task_with_its_default_task(smolvla):
+    policy = LerobotPolicy(str(smolvla), "cpu", LoadOptions(default_task="stack the blue cups"))
+    result = policy.run([request("a", "")]).results[0]
+    assert result.error is None and result.actions.shape == (SMOLVLA_CHUNK, ACTION_SIZE)
+
+
+def test_bfloat16_is_served_where_the_cpu_has_it_and_float16_falls_back_saying_why(smolvla, processes):
+    flags = open("/proc/cpuinfo").read()
+    broker = start_broker(processes)
+    half = start_worker(processes, broker.backend, str(smolvla), "--dtype", "float16", "--service", "half")
+    with BrokerClient(broker.frontend) as client:
+        model = wait_for(lambda: client.model("half"), timeout=60, what="the float16 worker")
+        if "avx512_fp16" not in flags and "amx_fp16" not in flags:
+            assert model.dtype == "float32"
+            assert "this CPU has no float16 instructions" in "".join(half.log_lines)
+        if "avx512_bf16" in flags or "amx_bf16" in flags:
+            start_worker(processes, broker.backend, str(smolvla), "--dtype", "bfloat16", "--service", "bf16")
+            assert wait_for(lambda: client.model("bf16"), timeout=60, what="the bfloat16 worker").dtype == "bfloat16"
+            reply = client.request("bf16", request("a", "open the drawer"), timeout=60)
+            assert isinstance(reply, ActionChunk) and np.isfinite(reply.actions).all()
+
+
+def test_compile_without_a_compiler_is_a_logged_fallback(smolvla, processes):
+    broker = start_broker(processes)
+    worker = start_worker(processes, broker.backend, str(smolvla), "--compile", "--service", "c",
+                          env={"CXX": "/nonexistent/g++"})
+    with BrokerClient(broker.frontend) as client:
+        assert wait_for(lambda: client.model("c"), timeout=60, what="the worker").compiled is False
+    assert "--compile needs a C++ compiler (/nonexistent/g++" in "".join(worker.log_lines)
+
+
+# --- the actuator and the task ---------------------------------------------------------------
+
+
+def test_the_actuator_refuses_a_language_policy_without_a_task(smolvla, runtime_dir, processes):
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, str(smolvla))
+    processes.start_node("arm")
+    processes.start_node("camera", "--name", "front", "--width", "128", "--height", "96")
+    processes.start_node("camera", "--name", "wrist", "--width", "128", "--height", "96")
+    actuator = processes.start(CHUNKBUS, "--log-json", "actuator", "--broker", broker.frontend, "--service",
+                               "smolvla", "--camera", "front", "--camera", "wrist", script=True)
+    assert actuator.wait(timeout=60) == EXIT_PERMANENT
+    time.sleep(0.2)
+    log = "".join(actuator.log_lines)
+    assert log.count("smolvla is language-conditioned and this actuator has no task: give it --task") == 1, log
+
+
+def test_the_task_changes_while_the_robot_runs(smolvla, runtime_dir, processes):
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, str(smolvla))
+    processes.start_node("arm")
+    for camera in ("front", "wrist"):
+        processes.start_node("camera", "--name", camera, "--width", "128", "--height", "96")
+    tasks = []
+    with Subscriber(["broker"], [capture_topic("request", "smolvla")], rcvhwm=1000,
+                    on_message=lambda r: tasks.append(r.message.task)):
+        actuator = processes.start_node("actuator", "--broker", broker.frontend, "--service", "smolvla",
+                                        "--camera", "front", "--camera", "wrist", "--task", "open the drawer")
+        wait_for(lambda: "open the drawer" in tasks, timeout=60, what="a request with the first task")
+        changed = subprocess.run([CHUNKBUS, "task", "fold the towel"], capture_output=True, text=True, timeout=30)
+        assert changed.returncode == 0, changed.stderr
+        assert "task 'fold the towel' from tick" in changed.stdout and "(was 'open the drawer')" in changed.stdout
+        wait_for(lambda: "fold the towel" in tasks, timeout=60, what="a request with the new task")
+    assert "fold the towel" not in tasks[: tasks.index("fold the towel")]
+    assert "open the drawer" not in tasks[tasks.index("fold the towel"):], "an old task came back"
+    processes.wait_log(actuator, '"task changed"')
+    empty = subprocess.run([CHUNKBUS, "task", ""], capture_output=True, text=True, timeout=30)
+    assert empty.returncode != 0 and "the task cannot be empty" in empty.stderr
+
+
+def test_changing_the_task_of_an_actuator_that_does_not_run_names_it(runtime_dir):
+    result = subprocess.run([CHUNKBUS, "task", "--actuator", "nobody", "fold"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1 and "no node 'nobody' answers" in result.stderr, result.stderr
+
+
+# --- π0.5: the prompt is per batch member, relative actions come back absolute -----------------
+
+
+def batch_of(states: list[np.ndarray]) -> list[list]:
+    """Histories of one (state, images) step each."""
+    _, height, width = IMAGE_SHAPE
+    return [[(state.astype(np.float32), {c: np.zeros((height, width, 3), np.uint8) for c in CAMERAS})]
+            for state in states]
+
+
+def test_pi05_tokenizes_one_prompt_per_batch_member(tokenizer):
+    from transformers import AutoTokenizer
+
+    config = pi_config("pi05")
+    preprocessor, _ = pi_processors(config, tokenizer)
+    tasks = ["pick up the red cube", "fold the towel", "open the drawer"]
+    steps = preprocess(preprocessor, Inputs.of(config), batch_of([np.zeros(6)] * 3), tasks)
+    tokens = steps[0]["observation.language.tokens"]
+    assert tokens.shape[0] == 3
+    prompts = AutoTokenizer.from_pretrained(tokenizer).batch_decode(tokens, skip_special_tokens=True)
+    for task, prompt in zip(tasks, prompts):
+        assert task in prompt.lower() and all(other not in prompt.lower() for other in set(tasks) - {task}), prompts
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05", "pi0_fast"])
+def test_a_relative_action_checkpoint_answers_absolute_actions_anchored_on_each_newest_state(kind, tokenizer,
+                                                                                             tmp_path):
+    from lerobot.policies import make_pre_post_processors
+
+    folder = save_pi_checkpoint(kind, tmp_path / kind, tokenizer, use_relative_actions=True)
+    config = pi_config(kind, use_relative_actions=True)
+    with stand_in_tokenizers(tokenizer):  # loaded back from the saved files, as the worker does
+        preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=str(folder))
+    states = [np.arange(6) * 10.0, -np.arange(6) * 5.0]
+    preprocess(preprocessor, Inputs.of(config), batch_of(states), ["fold the towel"] * 2)
+    predicted = torch.zeros(2, 4, 6)  # the model's normalised offsets: "stay where you are"
+    actions = postprocess(postprocessor, predicted)
+    assert actions.shape == (2, 4, 6)
+    for member, state in zip(actions, states):
+        np.testing.assert_allclose(member, np.broadcast_to(state, (4, 6)), atol=1e-5)
+
+
+# --- loading offline: each missing asset is named, with the fix ---------------------------------
+
+
+def worker_error(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([CHUNKBUS, "worker", "--broker", "127.0.0.1:9", *args], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, **OFFLINE, **(env or {})})
+    assert result.returncode == EXIT_PERMANENT, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05", "pi0_fast"])
+def test_a_missing_tokenizer_offline_is_named_with_the_option_and_the_download(kind, tokenizer, tmp_path):
+    folder = save_pi_checkpoint(kind, tmp_path / kind, tokenizer)
+    env = {"HF_HOME": str(tmp_path / "empty-cache")}
+    error = worker_error("--policy", str(folder), env=env).stderr
+    assert f"The {kind} checkpoint needs `google/paligemma-3b-pt-224`, the tokenizer that turns the task" in error
+    assert "HF_HUB_OFFLINE is set" in error and "`hf download google/paligemma-3b-pt-224`" in error
+    assert "`--tokenizer DIR`" in error
+    error = worker_error("--policy", str(folder), "--tokenizer", str(tokenizer), env=env).stderr
+    if kind == "pi0_fast":
+        assert "needs `lerobot/fast-action-tokenizer`, the FAST tokenizer" in error
+        assert "--action-tokenizer DIR" in error
+        error = worker_error("--policy", str(folder), "--tokenizer", str(tokenizer), "--action-tokenizer",
+                             str(tokenizer), env=env).stderr
+    # Past the tokenizers: this test checkpoint has no weights, which is said, not served at random.
+    assert "has a config.json but no model.safetensors" in error, error
+
+
+def test_a_missing_vlm_offline_is_named(smolvla, tmp_path):
+    import json
+
+    broken = tmp_path / "smolvla"
+    broken.mkdir()
+    for path in smolvla.iterdir():
+        if path.is_file():
+            (broken / path.name).write_bytes(path.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["vlm_model_name"] = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"  # what a real checkpoint names
+    (broken / "config.json").write_text(json.dumps(config))
+    error = worker_error("--policy", str(broken), env={"HF_HOME": str(tmp_path / "empty-cache")}).stderr
+    assert "needs `HuggingFaceTB/SmolVLM2-500M-Video-Instruct`, its vision-language model's config" in error, error
+    assert "--tokenizer DIR" in error
+
+
+def test_a_tokenizer_option_a_policy_does_not_read_is_an_error(tokenizer, tmp_path):
+    from tiny_policies import save_tiny_policy
+
+    act = save_tiny_policy("act", tmp_path / "act")
+    error = worker_error("--policy", str(act), "--tokenizer", str(tokenizer)).stderr
+    assert "--tokenizer was given, but this act checkpoint reads no such tokenizer" in error
