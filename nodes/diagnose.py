@@ -27,6 +27,16 @@ def _ms(figures: dict, key: str) -> str:
     return f"{figures[key]:.1f}" if key in figures else "-"
 
 
+def describe_model(model: ModelDescription | None) -> str:
+    """One line about a served model: its name, and what a robot needs to know about it."""
+    if model is None:
+        return "? (a plain MDP worker describes no model)"
+    details = [f"chunk {model.chunk_size}", f"{model.action_size} actions", model.device or "?"]
+    details += [d for d in (model.dtype, "compiled" if model.compiled else "", "needs a task" if model.needs_task
+                            else "") if d]
+    return f"{model.name} ({', '.join(details)})"
+
+
 def format_status(status: BrokerStatus) -> str:
     lines = [f"broker up {status.uptime_s:.0f} s, frontend {status.frontend}, backend {status.backend}"]
     header = (f"{'service':24} {'workers':>7} {'capacity':>8} {'queued':>6} {'running':>7} {'ok':>7} {'errors':>6} "
@@ -42,6 +52,9 @@ def format_status(status: BrokerStatus) -> str:
         )
     if not status.services:
         lines.append("(no services: no worker has registered yet)")
+    else:
+        lines += ["", f"{'service':24} model"]
+        lines += [f"{name:24} {describe_model(s.model)}" for name, s in sorted(status.services.items())]
     lines += ["", f"{'worker':32} {'service':24} {'capacity':>8} {'running':>7}"]
     for w in status.workers:
         lines.append(f"{w.name:32} {w.service:24} {w.capacity:>8} {w.running:>7}")
@@ -108,7 +121,7 @@ def ping(broker: str, service: str | None, count: int, timeout: float) -> None:
             f"service {service!r} is known, but no worker is up: check the workers' logs"
         )
     model = known[service].model
-    click.echo(f"service {service}: model {model.type if model else '?'}, {known[service].workers} worker(s)")
+    click.echo(f"service {service}: model {describe_model(model)}, {known[service].workers} worker(s)")
     latencies, shape = [], None
     with BrokerClient(broker) as client:
         for tick in range(count):

@@ -19,6 +19,7 @@ from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient
 from chunkbus.bus.lifecycle import EXIT_PERMANENT
+from chunkbus.nodes.policies import LoadOptions
 from chunkbus.nodes.policies.lerobot import LerobotPolicy, letterbox
 
 POLICIES = ("act", "diffusion", "vqbet")
@@ -114,6 +115,15 @@ def test_a_batch_gives_what_each_request_gives_alone(checkpoints):
     together = policy.run(requests).results
     for request, result in zip(requests, together):
         np.testing.assert_allclose(result.actions, policy.run([request]).results[0].actions, rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_policy_answers_what_the_eager_one_does(checkpoints):
+    eager = LerobotPolicy(str(checkpoints["act"]))
+    compiled = LerobotPolicy(str(checkpoints["act"]), "cpu", LoadOptions(compile=True))  # compiled before it returns
+    assert compiled.describe().compiled and not eager.describe().compiled
+    request = two_camera_request("a", 1)
+    np.testing.assert_allclose(compiled.run([request]).results[0].actions, eager.run([request]).results[0].actions,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_letterbox_keeps_the_aspect_ratio():

@@ -72,6 +72,9 @@ def test_a_tiny_smolvla_is_served_over_the_broker_and_needs_a_task(smolvla, proc
                           capture_output=True, text=True, timeout=60)
     assert ping.returncode == 0 and f"chunk shape {SMOLVLA_CHUNK} actions x {ACTION_SIZE} values" in ping.stdout, (
         ping.stdout + ping.stderr)
+    status = subprocess.run([CHUNKBUS, "status", "--broker", broker.frontend], capture_output=True, text=True,
+                            timeout=60).stdout
+    assert f"smolvla:checkpoint (chunk {SMOLVLA_CHUNK}, {ACTION_SIZE} actions, cpu, float32, needs a task)" in status
 
 
 def test_each_task_in_a_batch_conditions_its_own_chunk(smolvla):
@@ -250,6 +253,14 @@ def test_a_missing_vlm_offline_is_named(smolvla, tmp_path):
     error = worker_error("--policy", str(broken), env={"HF_HOME": str(tmp_path / "empty-cache")}).stderr
     assert "needs `HuggingFaceTB/SmolVLM2-500M-Video-Instruct`, its vision-language model's config" in error, error
     assert "--tokenizer DIR" in error
+
+
+def test_a_missing_groot_base_model_offline_is_named(tmp_path):
+    config = pi_config("groot")  # GR00T builds on NVIDIA's base checkpoint, fetched from the Hub
+    config._save_pretrained(tmp_path)
+    error = worker_error("--policy", str(tmp_path), env={"HF_HOME": str(tmp_path / "empty-cache")}).stderr
+    assert f"The groot checkpoint needs `{config.base_model_path}`, the GR00T base model" in error, error
+    assert f"`hf download {config.base_model_path}`" in error
 
 
 def test_a_tokenizer_option_a_policy_does_not_read_is_an_error(tokenizer, tmp_path):

@@ -206,6 +206,7 @@ ASSETS = {
     "tokenizer_name": ("the tokenizer that turns the task into tokens", TOKENIZER),
     "paligemma_tokenizer_name": ("the tokenizer that turns the task into tokens", TOKENIZER),
     "action_tokenizer_name": ("the FAST tokenizer that turns the model's tokens into actions", ACTION_TOKENIZER),
+    "base_model_path": ("the GR00T base model it is built on (its backbone and processor files)", None),
 }
 _CACHED_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
@@ -263,16 +264,18 @@ def check_assets(config, steps: list[dict]) -> None:
         if (problem := _unavailable(name)) is None:
             continue
         why, option = ASSETS[key]
+        pass_it = f" or pass the folder it prints with `{option} DIR`" if option else ""
         where = (f"`hf download {name}` on a machine that reaches the Hub (if the Hub says it is gated, accept "
                  f"its terms on its page and `hf auth login` first), then copy the Hugging Face cache here "
-                 f"(~/.cache/huggingface, or HF_HOME) or pass the folder it prints with `{option} DIR`"
-                 if HUB_ID.fullmatch(name) else f"pass a folder that has it with `{option} DIR`")
+                 f"(~/.cache/huggingface, or HF_HOME){pass_it}" if HUB_ID.fullmatch(name)
+                 else f"pass a folder that has it with `{option} DIR`" if option else "fix the path in its config.json")
         raise PolicyLoadError(f"The {config.type} checkpoint needs `{name}`, {why}, and {problem}: {where}.")
 
 
 def reads_task(preprocessor) -> bool:
     """Whether the pre-processor reads the task (a language-conditioned policy)."""
-    return any(hasattr(step, "task_key") or "Tokenizer" in type(step).__name__ for step in preprocessor.steps)
+    return any(hasattr(step, "task_key") or hasattr(step, "language_key") or "Tokenizer" in type(step).__name__
+               for step in preprocessor.steps)
 
 
 def choose_dtype(torch, device: str, name: str, log):
