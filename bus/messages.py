@@ -140,8 +140,10 @@ class ObservationRequest(Message):
     priority: int = 0
     ttl: float | None = None
     replace_key: str | None = None
-    # Real-time chunking: actions already scheduled for ticks tick, tick+1, ... and not
-    # yet executed, and the delay (in ticks) the actuator expects before the reply lands.
+    # Real-time chunking: what the actuator will command for ticks tick, tick+1, ... (its
+    # schedule after stitching, in the robot's raw action space, padded with the hold command
+    # where it runs dry: never zeros), as many rows as the execution horizon it wants guided;
+    # and the tick after `tick` at which it expects to merge the reply (rows before it are frozen).
     prefix: np.ndarray | None = None
     expected_delay: int | None = None
     SCHEMA: ClassVar = {
@@ -174,6 +176,11 @@ class ActionChunk(Message):
     model: str = ""
     # Seconds spent on the worker, e.g. decode, preprocess, inference, postprocess.
     timings: dict[str, float] = field(default_factory=dict)
+    # Real-time chunking: the delay and execution horizon the chunk was guided with, or None
+    # when it was not (then `unguided` says why, if the request asked for guidance).
+    guided_delay: int | None = None
+    guided_horizon: int | None = None
+    unguided: str = ""
     SCHEMA: ClassVar = {
         "request_id": text(NAME),
         "robot_id": text(NAME),
@@ -183,6 +190,9 @@ class ActionChunk(Message):
         "worker": text(),
         "model": text(),
         "timings": dict_of(number(minimum=0.0)),
+        "guided_delay": optional(integer(0)),
+        "guided_horizon": optional(integer(1)),
+        "unguided": text(),
     }
 
 

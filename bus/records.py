@@ -34,6 +34,17 @@ class Feature(Record):
 
 
 @dataclass(eq=False)
+class RtcSupport(Record):
+    """How a worker guides chunks towards a request's prefix (real-time chunking)."""
+
+    schedule: str  # the prefix weights past the frozen rows: LINEAR, EXP, ONES, ZEROS (lerobot's)
+    max_guidance_weight: float
+    flow_steps: int  # the checkpoint's own number of denoising steps
+    SCHEMA: ClassVar = {"schedule": text(NAME), "max_guidance_weight": number(minimum=0.0),
+                        "flow_steps": integer(1)}
+
+
+@dataclass(eq=False)
 class ModelDescription(Record):
     """What a worker serves, in the robot's terms: what to send it and what comes back."""
 
@@ -49,6 +60,7 @@ class ModelDescription(Record):
     needs_task: bool = False  # language-conditioned: every request must say its task
     dtype: str = ""  # the weights' type on the worker: float32, bfloat16, float16
     compiled: bool = False  # run through torch.compile
+    rtc: RtcSupport | None = None  # None: it cannot guide a chunk towards a prefix
     SCHEMA: ClassVar = {
         "type": text(NAME),
         "name": text(),
@@ -62,6 +74,7 @@ class ModelDescription(Record):
         "needs_task": boolean(),
         "dtype": text(),
         "compiled": boolean(),
+        "rtc": optional(record(RtcSupport)),
     }
 
     def camera_inputs(self) -> list[str]:

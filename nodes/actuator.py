@@ -61,6 +61,8 @@ class ActuatorConfig:
     strategy: str = "crossfade"
     crossfade_window: int = 5
     ensemble_m: float = 0.01
+    rtc_fallback: str = "crossfade"  # rtc: how an unguided chunk is merged
+    rtc_overlap: int = 5  # rtc: ticks past the expected delay that the prefix still guides
     priority: int = 0
     ttl: float | None = 0.5
     cameras: dict[str, str] = field(default_factory=dict)  # camera name -> policy feature key
@@ -102,12 +104,8 @@ class Actuator:
     def __init__(self, config: ActuatorConfig):
         self.config = config
         self.log = get_logger()
-        merge = stitching.STRATEGIES[config.strategy]
-        if config.strategy == "crossfade":
-            merge = partial(merge, window=config.crossfade_window)
-        elif config.strategy == "ensemble":
-            merge = partial(merge, m=config.ensemble_m)
-        self.merge = merge
+        self.merge = self.strategy(config.strategy)
+        self.delays = stitching.DelayEstimate(config.fps)  # rtc: the ticks after which a reply is merged
         sources = [config.arm] + [config.camera_nodes.get(c, camera_node(c)) for c in config.cameras]
         topics = [STATE] + [camera_topic(c) for c in config.cameras]
         self.inputs = Subscriber(sources, topics)
@@ -134,13 +132,24 @@ class Actuator:
         self.names: list[str] = []
         self.counts = dict.fromkeys(
             ["commands", "holds", "requests", "chunks_used", "chunks_discarded", "errors", "stale_obs",
-             "unreachable", "timeouts"], 0)
+             "unreachable", "timeouts", "rtc_guided", "rtc_late"], 0)
         self.holding = False
         self.warn_every: dict[str, Every] = {}  # one rate limit per kind of problem
         self.paused_until = 0.0  # no requests before this: the last one was refused as bad
         self.pause = 1.0  # seconds; doubles with each bad request in a row
         self.loop_start = 0.0
         self.tick = 0
+
+    def strategy(self, name: str):
+        """The merge function `name` with this actuator's options."""
+        merge = stitching.STRATEGIES[name]
+        if name == "crossfade":
+            return partial(merge, window=self.config.crossfade_window)
+        if name == "ensemble":
+            return partial(merge, m=self.config.ensemble_m)
+        if name == "rtc":
+            return partial(merge, fallback=self.strategy(self.config.rtc_fallback))
+        return merge
 
     def warn(self, problem: str, text: str, now: float, error: bool = False, **fields) -> None:
         """Log `text` now, and again for the same problem at most every WARN_EVERY seconds."""
@@ -216,6 +225,10 @@ class Actuator:
         if model.needs_task and not self.config.task:
             problems.append(f"{model.type} is language-conditioned and this actuator has no task: give it "
                             "--task \"what to do\" (you can change it while it runs with `chunkbus task`)")
+        if self.config.strategy == "rtc" and model.rtc is None:
+            problems.append(f"--strategy rtc needs a policy that can guide its chunks towards what the robot will "
+                            f"do (real-time chunking: SmolVLA, π0, π0.5, GR00T, flow:), and {model.type} cannot: "
+                            "use --strategy crossfade, or serve one of those")
         if model.action_size != joints:
             problems.append(f"the model's actions have {model.action_size} values, but the arm {arm!r} has {joints} "
                             f"joints ({', '.join(state.names)}): serve a policy trained on this arm, or point --arm at "
@@ -304,7 +317,14 @@ class Actuator:
             self.warn("action_size", "chunk ignored: the policy's action size does not match the arm", time.monotonic(),
                       error=True, action_size=actions.shape[1], arm_joints=len(self.names), service=self.config.service)
             return
-        merged = self.merge(self.schedule, actions, chunk.tick, tick)
+        if self.config.strategy == "rtc":
+            self.delays.observe(tick - chunk.tick)
+            if chunk.guided_delay is not None:
+                self.counts["rtc_guided"] += 1
+                self.counts["rtc_late"] += tick - chunk.tick > chunk.guided_delay  # blended over the late ticks
+            merged = self.merge(self.schedule, actions, chunk.tick, tick, chunk.guided_delay)
+        else:
+            merged = self.merge(self.schedule, actions, chunk.tick, tick)
         if merged is None or merged.remaining(tick) == 0:
             self.counts["chunks_discarded"] += 1  # it arrived after its last action's tick
             return
@@ -366,6 +386,7 @@ class Actuator:
         steps = self.config.n_obs_steps or self.model.n_obs_steps
         if len(self.history) < steps or self.history[-1].tick != tick:
             return
+        prefix, delay = self.guidance(tick)
         request = ObservationRequest(
             robot_id=self.config.robot_id,
             request_id=new_request_id(self.config.robot_id),
@@ -377,6 +398,8 @@ class Actuator:
             priority=self.config.priority,
             ttl=self.config.ttl,
             replace_key=self.config.robot_id,
+            prefix=prefix,
+            expected_delay=delay,
         )
         try:
             self.client.send(self.config.service, request)
@@ -387,6 +410,17 @@ class Actuator:
             return
         self.outstanding = (request.request_id, tick, now)
         self.counts["requests"] += 1
+
+    def guidance(self, tick: int) -> tuple[np.ndarray | None, int | None]:
+        """rtc: what this actuator will command from `tick` on (the prefix the chunk is guided
+        to agree with) and the delay after which it expects to merge the reply; (None, None)
+        before there is anything to agree with, or with another strategy."""
+        if self.config.strategy != "rtc" or self.last_command is None:
+            return None, None
+        chunk = self.model.chunk_size
+        delay = min(self.delays.ticks, chunk)
+        horizon = min(delay + self.config.rtc_overlap, chunk)
+        return stitching.rtc_prefix(self.schedule, tick, horizon, self.last_command), delay
 
     def report(self, tick: int, ticker: Ticker) -> None:
         rtt = np.array(self.round_trips) * 1000 if self.round_trips else np.zeros(1)

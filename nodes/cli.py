@@ -254,9 +254,15 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
 @click.option("--robot-id", default="robot", help="Names this robot's requests (and their replace key).")
 @click.option("--task", default="", help="The task, for language-conditioned policies.")
 @click.option("--fps", type=click.FloatRange(min=1), default=30.0, help="Control rate (Hz).")
-@click.option("--strategy", type=click.Choice(["replace", "crossfade", "ensemble"]), default="crossfade",
+@click.option("--strategy", type=click.Choice(["replace", "crossfade", "ensemble", "rtc"]), default="crossfade",
               help="How a new chunk takes over from the one running: at once (replace, the jerkiest), blended "
-                   "over --crossfade-window ticks, or ACT's temporal ensembling.")
+                   "over --crossfade-window ticks, ACT's temporal ensembling, or real-time chunking (rtc: the "
+                   "worker guides each chunk to agree with what the arm does until it arrives; flow-matching "
+                   "policies: SmolVLA, π0, π0.5, GR00T).")
+@click.option("--rtc-fallback", type=click.Choice(["crossfade", "ensemble"]), default="crossfade",
+              help="rtc: how a chunk that was not guided is merged.")
+@click.option("--rtc-overlap", type=click.IntRange(0), default=5,
+              help="rtc: ticks past the expected delay over which the new chunk is still pulled towards the old.")
 @click.option("--crossfade-window", type=click.IntRange(1), default=5, help="Ticks to blend over (crossfade).")
 @click.option("--ensemble-m", type=float, default=0.01, help="Weight decay m of exp(-m*i) (ensemble).")
 @click.option("--priority", type=int, default=0, help="This robot's requests go before those of lower priority.")

@@ -10,10 +10,20 @@ strategy returns the new schedule from `now` on:
   crossfade  blend the old schedule into the new chunk over `window` ticks
   ensemble   ACT's temporal ensembling: each tick's action is the average of every chunk's
              prediction for it, weighted exp(-m * i), i = 0 for the oldest prediction
+  rtc        real-time chunking: the chunk was generated to agree with the schedule's actions
+             up to the tick it was expected (its guided delay), so it replaces the schedule at
+             arrival; one that arrives later than that is blended in over the late ticks, and
+             an unguided one falls back to another strategy
+
+`rtc_prefix` is what a request for real-time chunking carries: the schedule from its tick on,
+padded with the hold command where it runs dry; `DelayEstimate` the delay it expects.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,4 +137,52 @@ def ensemble(
     return Schedule(new.start, actions, counts, weights)
 
 
-STRATEGIES = {"replace": replace, "crossfade": crossfade, "ensemble": ensemble}
+def rtc(
+    old: Schedule | None, chunk: np.ndarray, k_obs: int, now: int, guided_delay: int | None,
+    fallback: Callable[..., Schedule | None] = crossfade,
+) -> Schedule | None:
+    """Merge a chunk made for real-time chunking, guided to agree with `old` for its first
+    `guided_delay` ticks (None: not guided, so `fallback` merges it)."""
+    if guided_delay is None:
+        return fallback(old, chunk, k_obs, now)
+    late = now - k_obs - guided_delay
+    if late <= 0 or old is None:
+        return replace(old, chunk, k_obs, now)  # it already agrees with what ran
+    return crossfade(old, chunk, k_obs, now, window=late)  # the late ticks were not guided
+
+
+def rtc_prefix(schedule: Schedule | None, tick: int, horizon: int, hold: np.ndarray) -> np.ndarray:
+    """What the actuator will command for ticks tick .. tick + horizon - 1: the schedule where it
+    has actions, then `hold` (the command it would repeat). Never zeros: a zero row would be a
+    target the new chunk is pulled to."""
+    prefix = np.repeat(np.asarray(hold, np.float32)[None, :], horizon, axis=0)
+    if schedule is not None:
+        part = schedule.from_tick(tick)
+        offset = part.start - tick  # > 0 when the schedule starts after tick
+        rows = max(0, min(horizon - offset, len(part.actions)))
+        prefix[offset : offset + rows] = part.actions[:rows]
+        if rows and offset + rows < horizon:
+            prefix[offset + rows :] = part.actions[rows - 1]  # it holds its last action after
+    return prefix
+
+
+class DelayEstimate:
+    """The delay, in ticks, after which a request's reply will be merged: the largest of the
+    last `window` measured delays (not a session-long maximum, which one cold start would
+    inflate for good), `initial` until one is measured. The actuator's first request carries
+    no prefix (there is nothing yet to agree with), so its guided ones always have a measure."""
+
+    def __init__(self, fps: float, window: int = 10, initial: int | None = None):
+        self.fps = fps
+        self.delays: deque[int] = deque(maxlen=window)
+        self.initial = initial if initial is not None else math.ceil(fps)  # 1 s: nothing measured yet
+
+    def observe(self, ticks: int) -> None:
+        self.delays.append(max(1, ticks))
+
+    @property
+    def ticks(self) -> int:
+        return max(self.delays) if self.delays else self.initial
+
+
+STRATEGIES = {"replace": replace, "crossfade": crossfade, "ensemble": ensemble, "rtc": rtc}

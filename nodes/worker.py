@@ -99,6 +99,9 @@ class Worker:
                             worker=self.link.info.name,
                             model=self.policy.name,
                             timings=timings,
+                            guided_delay=outcome.guided[0] if outcome.guided else None,
+                            guided_horizon=outcome.guided[1] if outcome.guided else None,
+                            unguided=outcome.unguided,
                         )
         return [(batch[i][0], replies[i]) for i in range(len(batch))]
 

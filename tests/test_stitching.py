@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chunkbus.nodes import stitching
 from chunkbus.nodes.stitching import Schedule, crossfade, ensemble, ensemble_weights, replace
 
 
@@ -93,3 +96,42 @@ def test_schedule_bookkeeping():
     assert (schedule.end, schedule.remaining(3), schedule.remaining(12), schedule.remaining(20)) == (15, 10, 3, 0)
     assert schedule.action_at(4) is None and schedule.action_at(14)[0] == 9
     assert schedule.from_tick(8).start == 8 and schedule.from_tick(8).actions[0, 0] == 3
+
+
+# --- real-time chunking -----------------------------------------------------------------------
+
+
+def test_the_rtc_prefix_is_the_schedule_then_its_last_action_never_zeros():
+    schedule = Schedule(10, np.arange(12, dtype=float).reshape(4, 3))  # ticks 10..13
+    hold = np.full(3, -7.0)
+    prefix = stitching.rtc_prefix(schedule, 11, 6, hold)
+    assert prefix.dtype == np.float32 and prefix.shape == (6, 3)
+    np.testing.assert_array_equal(prefix[:3], schedule.actions[1:])  # ticks 11, 12, 13
+    np.testing.assert_array_equal(prefix[3:], np.repeat(schedule.actions[-1:], 3, axis=0))  # then it holds
+    # Nothing scheduled (yet, or any more): the hold command, what the actuator would send.
+    np.testing.assert_array_equal(stitching.rtc_prefix(None, 11, 2, hold), [hold, hold])
+    np.testing.assert_array_equal(stitching.rtc_prefix(schedule, 20, 2, hold), [hold, hold])
+    later = stitching.rtc_prefix(schedule, 8, 4, hold)  # the schedule starts two ticks later
+    np.testing.assert_array_equal(later, [hold, hold, schedule.actions[0], schedule.actions[1]])
+
+
+def test_a_guided_chunk_replaces_at_arrival_a_late_one_blends_over_its_late_ticks_an_unguided_one_falls_back():
+    old = Schedule(0, np.zeros((30, 1)))
+    chunk = np.ones((20, 1))
+    on_time = stitching.rtc(old, chunk, k_obs=10, now=13, guided_delay=3)
+    assert on_time.start == 13 and np.all(on_time.actions == 1)
+    late = stitching.rtc(old, chunk, k_obs=10, now=15, guided_delay=3)  # 2 ticks later than guided for
+    np.testing.assert_allclose(late.actions[:3, 0], [1 / 3, 2 / 3, 1])
+    unguided = stitching.rtc(old, chunk, k_obs=10, now=13, guided_delay=None,
+                             fallback=partial(stitching.crossfade, window=4))
+    np.testing.assert_allclose(unguided.actions[:5, 0], [0.2, 0.4, 0.6, 0.8, 1])
+
+
+def test_the_expected_delay_is_the_largest_of_the_recent_ones_not_of_the_whole_session():
+    delays = stitching.DelayEstimate(fps=30, window=3)
+    assert delays.ticks == 30  # one second until something is measured
+    for measured in (20, 4, 5, 3):  # a cold start first
+        delays.observe(measured)
+    assert delays.ticks == 5
+    delays.observe(0)
+    assert delays.ticks == 5 and min(delays.delays) == 1  # a reply is merged a tick later at the soonest

@@ -38,6 +38,16 @@ def smolvla(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loaded(smolvla):
+    """The tiny SmolVLA loaded as a worker loads it, its flow noise the same on every call: a
+    difference between two chunks comes from their inputs alone."""
+    policy = LerobotPolicy(str(smolvla), "cpu", LoadOptions(max_batch=3))
+    noise = torch.randn(1, policy.config.chunk_size, policy.config.max_action_dim)
+    policy.policy.model.sample_noise = lambda shape, device: noise.expand(shape[0], -1, -1).clone()
+    return policy
+
+
+@pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return save_text_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
@@ -77,12 +87,8 @@ def test_a_tiny_smolvla_is_served_over_the_broker_and_needs_a_task(smolvla, proc
     assert f"smolvla:checkpoint (chunk {SMOLVLA_CHUNK}, {ACTION_SIZE} actions, cpu, float32, needs a task)" in status
 
 
-def test_each_task_in_a_batch_conditions_its_own_chunk(smolvla):
-    policy = LerobotPolicy(str(smolvla), "cpu", LoadOptions(max_batch=2))
-    # Flow matching starts from fresh noise on every call: the same noise for every batch
-    # member, so a difference between two chunks comes from their tasks alone.
-    noise = torch.randn(1, policy.config.chunk_size, policy.config.max_action_dim)
-    policy.policy.model.sample_noise = lambda shape, device: noise.expand(shape[0], -1, -1).clone()
+def test_each_task_in_a_batch_conditions_its_own_chunk(loaded):
+    policy = loaded
     cube, towel = request("cube", "pick up the red cube"), request("towel", "fold the towel")
     alone = [policy.run([r]).results[0].actions for r in (cube, towel)]
     together = [result.actions for result in policy.run([cube, towel]).results]
@@ -269,3 +275,46 @@ def test_a_tokenizer_option_a_policy_does_not_read_is_an_error(tokenizer, tmp_pa
     act = save_tiny_policy("act", tmp_path / "act")
     error = worker_error("--policy", str(act), "--tokenizer", str(tokenizer)).stderr
     assert "--tokenizer was given, but this act checkpoint reads no such tokenizer" in error
+
+
+# --- real-time chunking: the chunk is guided towards the robot's prefix -----------------------
+
+
+def test_a_guided_smolvla_chunk_agrees_with_its_prefix_far_better_than_an_unguided_one(loaded):
+    policy = loaded
+    rtc = policy.describe().rtc
+    assert rtc is not None and rtc.flow_steps == policy.config.num_steps and rtc.schedule == "LINEAR"
+    free = policy.run([request("a", "fold the towel")]).results[0]
+    assert free.guided is None
+    prefix = (free.actions[:6] + np.linspace(3, 6, 6)[:, None]).astype(np.float32)  # somewhere else, in raw units
+    asked = request("a", "fold the towel")
+    asked.prefix, asked.expected_delay = prefix, 3
+    guided = policy.run([asked]).results[0]
+    assert guided.guided == (3, 6)
+    guided_error = np.abs(guided.actions[:3] - prefix[:3]).max()
+    free_error = np.abs(free.actions[:3] - prefix[:3]).max()
+    assert guided_error < free_error / 10, (guided_error, free_error)
+    # A batch of two (delay, horizon) groups and an unguided request: each as it is alone.
+    other = request("b", "open the drawer", seed=1)
+    other.prefix, other.expected_delay = prefix[:4], 2
+    plain = request("c", "stack the blue cups", seed=2)
+    together = policy.run([asked, other, plain]).results
+    assert [r.guided for r in together] == [(3, 6), (2, 4), None]
+    for result, alone in zip(together, (asked, other, plain)):
+        np.testing.assert_allclose(result.actions, policy.run([alone]).results[0].actions, atol=1e-4)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: setattr(r, "prefix", np.zeros((6, 5), np.float32)), "prefix: its rows have 5 values"),
+    (lambda r: r.prefix.__setitem__((0, 0), np.nan), "prefix: it has non-finite values"),
+    (lambda r: setattr(r, "expected_delay", 7), "expected_delay: 7 is outside 1..6"),
+    (lambda r: setattr(r, "prefix", np.zeros((11, 6), np.float32)), "prefix: 11 rows; the model's chunk has 10"),
+    (lambda r: setattr(r, "expected_delay", None), "prefix was sent without expected_delay"),
+])
+def test_a_wrong_prefix_is_a_bad_request_naming_the_field(loaded, change, field):
+    policy = loaded
+    wrong = request("a", "fold the towel")
+    wrong.prefix, wrong.expected_delay = np.zeros((6, 6), np.float32), 3
+    change(wrong)
+    result = policy.run([wrong, request("b", "fold the towel")]).results
+    assert field in str(result[0].error) and result[1].error is None and result[1].actions is not None

@@ -3,8 +3,9 @@
 This module is the interface (Policy, Result, BatchResult, BadRequest, PolicyLoadError)
 and `load_policy`, which imports the one implementation a spec names:
 `load_policy("scripted:sine")` gives a scripted policy (deterministic trajectories,
-no torch) for tests and benchmarks (scripted.py); `demo:act` an untrained ACT with random
-weights for the demo (demo.py); anything else is a LeRobot checkpoint folder or hub id,
+no torch) for tests and benchmarks (scripted.py); `flow:sine` a flow-matching policy with an
+exact velocity field, for tests and benchmarks of real-time chunking (flow.py); `demo:act` an
+untrained ACT with random weights for the demo (demo.py); anything else is a LeRobot checkpoint folder or hub id,
 loaded by lerobot's own code (lerobot.py, its loading errors in lerobot_loading.py).
 The implementations import this module; it imports none of them until load_policy runs.
 """
@@ -28,6 +29,8 @@ class BadRequest(ValueError):
 class Result:
     actions: np.ndarray | None = None  # (chunk, action size) float32
     error: BadRequest | None = None
+    guided: tuple[int, int] | None = None  # (delay, horizon) it was guided with (real-time chunking)
+    unguided: str = ""  # why the request's prefix was not used
 
 
 @dataclass
@@ -73,6 +76,13 @@ def load_policy(spec: str, device: str = "cpu", options: LoadOptions | None = No
 
         try:
             return ScriptedPolicy(spec)
+        except ValueError as exc:
+            raise PolicyLoadError(str(exc)) from exc
+    if spec.startswith("flow:"):
+        from .flow import FlowPolicy
+
+        try:
+            return FlowPolicy(spec)
         except ValueError as exc:
             raise PolicyLoadError(str(exc)) from exc
     from .lerobot import LerobotPolicy

@@ -80,7 +80,7 @@ VLM_SIZES = {
                     image_size=64, patch_size=8),
         scale_factor=2, image_seq_len=16,
         smolvla=dict(num_vlm_layers=4, self_attn_every_n_layers=2, resize_imgs_with_padding=(64, 64),
-                     chunk_size=10, n_action_steps=10, num_steps=3, max_state_dim=8, max_action_dim=8,
+                     chunk_size=10, n_action_steps=10, max_state_dim=8, max_action_dim=8,
                      tokenizer_max_length=16),
     ),
 }

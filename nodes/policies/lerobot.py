@@ -13,6 +13,7 @@ What goes wrong while loading is said in one line (lerobot_loading.py).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ import numpy as np
 
 from ...bus.log import get_logger
 from ...bus.messages import ObservationRequest
-from ...bus.records import Feature, ModelDescription
+from ...bus.records import Feature, ModelDescription, RtcSupport
 from ...bus.schema import JpegImage, MessageError
 from . import BadRequest, BatchResult, LoadOptions, Result
+from .guidance import Guide, by_guidance, guide_of
 from .lerobot_loading import (
     check_assets,
     check_device,
@@ -108,6 +110,7 @@ class LerobotPolicy:
         self.n_obs_steps = self.inputs.n_obs_steps
         self.action_size = int(config.output_features["action"].shape[0])
         self._letterboxed: set[tuple] = set()
+        self.rtc = enable_rtc(self.policy, config)
         self.load_s = time.perf_counter() - start
         self.predict = self.policy.predict_action_chunk
         self.compiled = False
@@ -149,7 +152,8 @@ class LerobotPolicy:
         # fps: a LeRobot checkpoint does not record its dataset's rate.
         return ModelDescription(type=self.config.type, name=self.name, inputs=inputs, action_size=self.action_size,
                                 chunk_size=self.chunk_size, n_obs_steps=self.n_obs_steps, device=self.device,
-                                needs_task=self.needs_task, dtype=self.describe_dtype(), compiled=self.compiled)
+                                needs_task=self.needs_task, dtype=self.describe_dtype(), compiled=self.compiled,
+                                rtc=self.rtc)
 
     def warm_up(self, batch: int = 1) -> int:
         """Run the model once (lazy initialisation, kernels) before READY; returns the chunk length."""
@@ -217,38 +221,75 @@ class LerobotPolicy:
     def run(self, requests: list[ObservationRequest]) -> BatchResult:
         start = time.perf_counter()
         results: list[Result] = [Result() for _ in requests]
-        batch, tasks, members = [], [], []
+        members, tasks, histories, guides = [], [], [], []
         for i, request in enumerate(requests):
             try:
                 task, steps = self.task(request), self.prepare(request)
+                guide = guide_of(request, self.action_size, self.chunk_size)
             except BadRequest as exc:
                 results[i].error = exc
                 continue
-            tasks.append(task)
-            batch.append(steps)
+            if guide is not None and self.rtc is None:
+                results[i].unguided = f"{self.config.type} cannot guide a chunk (no real-time chunking): prefix ignored"
+                guide = None
             members.append(i)
+            tasks.append(task)
+            histories.append(steps)
+            guides.append(guide)
         timings = {"prepare": time.perf_counter() - start}
-        if batch:
-            actions = self.infer(batch, tasks, timings)
-            for i, chunk in zip(members, actions):
-                results[i].actions = chunk
+        # One model call per (delay, horizon): predict_action_chunk takes one of each.
+        for key, positions in by_guidance(guides).items():
+            group = [guides[p] for p in positions] if key else None
+            actions = self.infer([histories[p] for p in positions], [tasks[p] for p in positions], timings, group)
+            for p, chunk in zip(positions, actions):
+                results[members[p]].actions = chunk
+                results[members[p]].guided = key
         return BatchResult(results, timings)
 
-    def infer(self, batch: list[list], tasks: list[str], timings: dict[str, float] | None = None) -> np.ndarray:
-        """(batch, chunk, action size) float32 actions for a batch of histories and their tasks."""
+    def infer(self, batch: list[list], tasks: list[str], timings: dict[str, float] | None = None,
+              guides: list[Guide] | None = None) -> np.ndarray:
+        """(batch, chunk, action size) float32 actions for a batch of histories and their tasks,
+        guided towards their prefixes when `guides` (all of one delay and horizon) are given."""
         timings = {} if timings is None else timings
         start = time.perf_counter()
         steps = preprocess(self.preprocessor, self.inputs, batch, tasks)
-        timings["preprocess"] = time.perf_counter() - start
+        guidance = {}
+        if guides:
+            guidance = {"inference_delay": guides[0].delay, "execution_horizon": guides[0].horizon,
+                        "prev_chunk_left_over": self.model_space(np.stack([g.prefix for g in guides]))}
+        add(timings, "preprocess", time.perf_counter() - start)
         start = time.perf_counter()
-        chunk = self.predict_chunk(steps)
-        timings["inference"] = time.perf_counter() - start
+        chunk = self.predict_chunk(steps, **guidance)
+        add(timings, "inference", time.perf_counter() - start)
         start = time.perf_counter()
         actions = postprocess(self.postprocessor, chunk)
-        timings["postprocess"] = time.perf_counter() - start
+        add(timings, "postprocess", time.perf_counter() - start)
         return actions
 
-    def predict_chunk(self, steps: list[dict]):
+    def model_space(self, prefixes: np.ndarray):
+        """Raw robot actions (B, h, A) as the model predicts them: through the checkpoint's own
+        normaliser, relative to each member's state first for a relative-action checkpoint
+        (the pre-processor has just cached the batch's states)."""
+        from lerobot.policies.rtc import reanchor_relative_rtc_prefix
+        from lerobot.processor import (
+            NormalizerProcessorStep,
+            RelativeActionsProcessorStep,
+            TransitionKey,
+            create_transition,
+        )
+
+        steps = self.preprocessor.steps
+        relative = next((s for s in steps if isinstance(s, RelativeActionsProcessorStep) and s.enabled), None)
+        normalizer = next((s for s in steps if isinstance(s, NormalizerProcessorStep)), None)
+        actions = self.torch.from_numpy(prefixes)
+        if relative is not None:
+            return reanchor_relative_rtc_prefix(actions, relative.get_cached_state(), relative, normalizer, self.device)
+        transition = create_transition(action=actions)
+        if normalizer is not None:
+            transition = normalizer(transition)
+        return transition[TransitionKey.ACTION].to(self.device)
+
+    def predict_chunk(self, steps: list[dict], **guidance):
         """The model's (B, chunk, width) actions for the pre-processed history `steps`."""
         torch = self.torch
         from lerobot.policies.utils import populate_queues
@@ -256,7 +297,9 @@ class LerobotPolicy:
 
         image_keys = self.inputs.image_keys
         autocast = torch.autocast(torch.device(self.device).type, self.dtype, enabled=self.autocast)
-        with torch.inference_mode(), autocast:
+        # Guidance takes a gradient through the model: it fails under inference_mode.
+        no_grad = torch.no_grad() if guidance else torch.inference_mode()
+        with no_grad, autocast:
             self.policy.reset()
             queues = getattr(self.policy, "_queues", None)
             if queues is not None:
@@ -271,12 +314,39 @@ class LerobotPolicy:
                     last[OBS_IMAGES] = queues[OBS_IMAGES][-1]
             else:
                 last = steps[-1]
-            chunk = self.predict(last)
+            chunk = self.predict(last, **guidance)
             if chunk.ndim == 2:
                 chunk = chunk.unsqueeze(0)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
         return chunk
+
+
+def add(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds  # a batch of several groups: their sum
+
+
+def enable_rtc(policy, config) -> RtcSupport | None:
+    """Turn on lerobot's real-time chunking where the policy has it (lerobot's own test, as
+    lerobot.rollout's supports_rtc_inference, which needs the dataset extra to import), with its
+    defaults and the checkpoint's own number of flow steps; None where it cannot guide."""
+    supports = getattr(policy, "supports_rtc", None)
+    if not callable(supports) or not supports() or not hasattr(policy, "init_rtc_processor"):
+        return None
+    try:
+        inspect.signature(policy.predict_action_chunk).bind(object(), inference_delay=0, prev_chunk_left_over=None)
+    except (TypeError, ValueError):
+        return None
+    from lerobot.policies.rtc import RTCConfig
+
+    rtc_config = getattr(config, "rtc_config", None) or RTCConfig()
+    rtc_config.enabled = True
+    config.rtc_config = rtc_config
+    policy.init_rtc_processor()  # a call without a prefix stays unguided
+    steps = next((getattr(config, name) for name in ("num_steps", "num_inference_steps", "num_inference_timesteps")
+                  if getattr(config, name, None)), 1)
+    return RtcSupport(schedule=str(rtc_config.prefix_attention_schedule.value),
+                      max_guidance_weight=float(rtc_config.max_guidance_weight), flow_steps=int(steps))
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ class ScriptedPolicy:
         if high > 0:
             time.sleep(self.random.uniform(low, high))
         results = [
-            Result(self.trajectory(np.arange(r.tick, r.tick + self.chunk, dtype=np.float64)))
+            Result(self.trajectory(np.arange(r.tick, r.tick + self.chunk, dtype=np.float64)),
+                   unguided="" if r.prefix is None else f"{self.name} cannot guide a chunk: prefix ignored")
             for r in requests
         ]
         return BatchResult(results, {"inference": time.perf_counter() - start})
