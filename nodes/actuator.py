@@ -62,7 +62,7 @@ class ActuatorConfig:
     crossfade_window: int = 5
     ensemble_m: float = 0.01
     rtc_fallback: str = "crossfade"  # rtc: how an unguided chunk is merged
-    rtc_overlap: int = 5  # rtc: ticks past the expected delay that the prefix still guides
+    rtc_overlap: int = 10  # rtc: ticks past the expected delay that the prefix still guides
     priority: int = 0
     ttl: float | None = 0.5
     cameras: dict[str, str] = field(default_factory=dict)  # camera name -> policy feature key
@@ -381,7 +381,10 @@ class Actuator:
         if self.unfit is not None:
             return self.warn("unfit", f"not asking for chunks: {self.unfit}", now, error=True)
         left = self.schedule.remaining(tick + 1) if self.schedule is not None else 0
-        if left > self.expected_delay + self.config.margin_ticks:
+        ask_at = self.expected_delay + self.config.margin_ticks
+        if self.config.strategy == "rtc":  # early enough that the prefix is schedule, not held padding
+            ask_at = max(ask_at, self.delays.ticks + self.config.rtc_overlap)
+        if left > ask_at:
             return
         steps = self.config.n_obs_steps or self.model.n_obs_steps
         if len(self.history) < steps or self.history[-1].tick != tick:

@@ -261,7 +261,7 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
                    "policies: SmolVLA, π0, π0.5, GR00T).")
 @click.option("--rtc-fallback", type=click.Choice(["crossfade", "ensemble"]), default="crossfade",
               help="rtc: how a chunk that was not guided is merged.")
-@click.option("--rtc-overlap", type=click.IntRange(0), default=5,
+@click.option("--rtc-overlap", type=click.IntRange(0), default=10,
               help="rtc: ticks past the expected delay over which the new chunk is still pulled towards the old.")
 @click.option("--crossfade-window", type=click.IntRange(1), default=5, help="Ticks to blend over (crossfade).")
 @click.option("--ensemble-m", type=float, default=0.01, help="Weight decay m of exp(-m*i) (ensemble).")

@@ -282,3 +282,51 @@ def test_a_model_that_comes_later_and_does_not_fit_stops_the_requests(runtime_di
                               timeout=30)
     assert "the model's actions have 7 values" in line
     processes.wait_log(actuator, "the service serves another model now")
+
+
+def flow_robot(processes, strategy: str) -> list:
+    """A flow-matching worker whose chunks disagree (each its own offset), 100-200 ms away."""
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, "flow:sine?chunk=50&sigma=0.05&offset=2&delay=0.1-0.2&seed=3",
+                 "--service", "flow")
+    processes.start_node("arm", "--max-step", "100")
+    actuator = processes.start_node("actuator", "--broker", broker.frontend, "--service", "flow", "--fps", "30",
+                                    "--strategy", strategy, "--ttl", "1.0")
+    commands = [r.message for r in collect(["actuator"], ["command"], 8.0)]
+    assert actuator.poll() is None, "".join(actuator.log_lines)
+    return commands
+
+
+def jumps(commands: list) -> np.ndarray:
+    """Per tick after the first chunk: how far each command's step is from the reference's step."""
+    moving = [c for c in commands if not c.hold]
+    after = commands[commands.index(moving[0]):]
+    ticks = [c.tick for c in after]
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), "a tick was left without a command"
+    assert not any(c.hold for c in after), "the schedule ran dry"
+    steps = np.diff(np.vstack([c.positions for c in after]), axis=0) - np.diff(f(ticks), axis=0)
+    return np.abs(steps).max(axis=1)
+
+
+def test_rtc_over_the_bus_switches_chunks_without_a_hold_or_a_jump(runtime_dir, processes):
+    rtc = jumps(flow_robot(processes, "rtc"))
+    processes.cleanup()
+    replace = jumps(flow_robot(processes, "replace"))  # the same chunks, switched in at arrival
+    # Each chunk is off by its own offset (std 2 per joint): replace jumps by it at every
+    # switch; rtc's chunks agree with what ran and drift to their own over the overlap.
+    assert rtc.max() < 1.5 and replace.max() > 2 * rtc.max(), (rtc.max(), replace.max())
+
+
+def test_rtc_against_a_model_that_cannot_guide_is_one_error(runtime_dir, processes):
+    from chunkbus.bus.lifecycle import EXIT_PERMANENT
+
+    broker = start_broker(processes)
+    start_worker(processes, broker.backend, "scripted:sine", "--service", "sine")
+    processes.start_node("arm")
+    actuator = processes.start(CHUNKBUS, "--log-json", "actuator", "--broker", broker.frontend, "--service", "sine",
+                               "--strategy", "rtc", script=True)
+    assert actuator.wait(timeout=60) == EXIT_PERMANENT
+    time.sleep(0.2)
+    log = "".join(actuator.log_lines)
+    assert log.count("--strategy rtc needs a policy that can guide its chunks") == 1, log
+    assert "use --strategy crossfade" in log
