@@ -7,6 +7,7 @@ anything is: speed is measured by running the scripts themselves (see README).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -45,13 +46,26 @@ def test_bench_jitter_reports_both_rates():
 
 
 def test_bench_stitch_compares_every_strategy_on_the_same_chunks():
-    figures = last_json_line("scripts/bench_stitch.py", "--ticks", "400")
-    assert set(figures) == {"d0", "d3", "d6", "d10"}
-    for row in figures.values():
-        assert {"replace", "crossfade", "ensemble", "lerobot_latest_only", "lerobot_weighted_average"} <= set(row)
-        # The same chunks and delays: LeRobot's latest_only is chunkbus's replace, figure for figure.
-        assert row["replace"] == row["lerobot_latest_only"]
-        assert row["crossfade"]["max_jump"] < row["replace"]["max_jump"]
+    figures = last_json_line("scripts/bench_stitch.py", "--ticks", "300", "--delays", "0,3,6")
+    assert set(figures) == {"unimodal", "bimodal"}
+    keys = {"max_jump", "mean_jump", "rms_jerk", "max_accel", "rms_error", "mode_switches", "late_switches",
+            "blended_ticks"}
+    strategies = {"rtc", "replace", "crossfade", "ensemble", "lerobot_latest_only", "lerobot_weighted_average",
+                  "lerobot_average", "lerobot_conservative"}
+    for case in figures.values():
+        assert set(case) == {"d0", "d3", "d6"}
+        for row in case.values():
+            assert set(row) == strategies
+            for values in row.values():
+                assert set(values) == keys
+                assert all(math.isfinite(v) and v >= 0 for v in values.values())
+            # The same chunks and delays: LeRobot's latest_only is chunkbus's replace, figure for figure.
+            assert row["replace"] == row["lerobot_latest_only"]
+            assert row["crossfade"]["max_jump"] < row["replace"]["max_jump"]
+            assert row["rtc"]["late_switches"] == 0  # no jitter: every rtc chunk arrives when it was guided for
+    for delay in ("d3", "d6"):  # two modes: rtc keeps to one, replace switches between them
+        bimodal = figures["bimodal"][delay]
+        assert bimodal["rtc"]["max_jump"] < bimodal["replace"]["max_jump"] / 4 and bimodal["rtc"]["mode_switches"] == 0
 
 
 def test_bench_roundtrip_runs_both_frameworks(tmp_path):
@@ -74,4 +88,28 @@ def test_bench_page_renders_every_table():
     text = page(results)
     for heading in ("## Codec", "## Broker", "## Control-loop jitter", "## Round trip", "## Stitching"):
         assert heading in text
-    assert "| chunkbus |" in text and "Four clients at once" in text and "**crossfade**" in text
+    assert "| chunkbus |" in text and "Four clients at once" in text and "| rtc | **" in text
+
+
+def test_bench_models_reports_every_figure():
+    figures = last_json_line("scripts/bench_models.py", "--types", "act,smolvla,pi0_fast", "--calls", "2",
+                             "--warmup", "1", "--batches", "1,2", "--device", "cpu")
+    assert figures["device"] == "cpu" and figures["seed_fps"] == {"pi0_fast": 15, "smolvla": 25, "act": 50}
+    measured = {(row["type"], row["batch"]): row for row in figures["rows"] if "skipped" not in row}
+    assert set(measured) == {("act", 1), ("act", 2), ("smolvla", 1), ("smolvla", 2)}
+    for row in measured.values():
+        assert {"type", "size", "batch", "params", "chunk_size", "p50_ms", "p99_ms", "preprocess_ms", "inference_ms",
+                "postprocess_ms", "chunks_per_s", "compiled", "dtype", "vs_seed"} <= set(row)
+        assert all(row[key] > 0 for key in ("p50_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "params"))
+        assert row["p99_ms"] >= row["p50_ms"] and row["chunks_per_s"] > 0
+        assert abs(row["vs_seed"] * figures["seed_fps"][row["type"]] - row["chunks_per_s"]) < 0.01
+    assert measured[("act", 1)]["chunk_size"] == 50 and measured[("smolvla", 1)]["size"] == "tiny"
+    (fast,) = [row for row in figures["rows"] if row["type"] == "pi0_fast"]
+    assert "FAST action tokenizer" in fast["skipped"]
+    # The page renders these figures (the canned sample in tests/data has no models table).
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_page import page
+
+    text = page({"models": figures})
+    assert "## Policy latency per action chunk on cpu" in text and "a CPU run cannot be compared" in text
+    assert "| act | default | 1 |" in text and "- pi0_fast skipped: its FAST action tokenizer" in text

@@ -223,3 +223,14 @@ def test_lerobot_prints_while_loading_become_one_structured_line(checkpoints, pr
     loading = [line for line in worker.log_lines if "Loading weights from local directory" in line]
     assert len(loading) == 1, "".join(worker.log_lines)
     assert "[info" in loading[0] and "component=lerobot" in loading[0] and "node=worker" in loading[0]
+
+
+def test_a_policy_without_real_time_chunking_ignores_a_prefix_and_says_so(checkpoints):
+    policy = LerobotPolicy(str(checkpoints["act"]))
+    assert policy.describe().rtc is None
+    request = two_camera_request("a", 1)
+    plain = policy.run([request]).results[0].actions
+    request.prefix, request.expected_delay = np.ones((5, ACTION_SIZE), np.float32), 2
+    result = policy.run([request]).results[0]
+    assert result.guided is None and "act cannot guide a chunk" in result.unguided
+    np.testing.assert_allclose(result.actions, plain, atol=1e-5)

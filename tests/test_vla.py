@@ -73,6 +73,11 @@ def test_a_tiny_smolvla_is_served_over_the_broker_and_needs_a_task(smolvla, proc
         reply = client.request("smolvla", request("a", "pick up the red cube"), timeout=60)
         assert isinstance(reply, ActionChunk), reply
         assert reply.actions.shape == (SMOLVLA_CHUNK, ACTION_SIZE) and np.isfinite(reply.actions).all()
+        assert reply.guided_delay is None and reply.unguided == ""
+        guided = request("g", "pick up the red cube")
+        guided.prefix, guided.expected_delay = reply.actions[:6].copy(), 3
+        reply = client.request("smolvla", guided, timeout=60)
+        assert (reply.guided_delay, reply.guided_horizon) == (3, 6) and service.model.rtc is not None
         with pytest.raises(RequestFailed) as failed:
             client.request("smolvla", request("b", ""), timeout=60)
     refused = failed.value.error
