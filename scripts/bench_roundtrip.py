@@ -25,9 +25,17 @@ worker (--max-batch 4, its intended layout); four LeRobot clients each get their
 PolicyServer (its intended layout: one robot per server). Torch runs one thread per
 process on both sides (--threads), the same for both.
 
+And the cost of real-time chunking (rtc case, chunkbus only: LeRobot's async server has none):
+a `chunkbus worker --policy flow:sine` (a flow-matching policy, 10 steps, 50 x 6 chunks) asked in
+turn for a chunk without a prefix and for one guided by a 15-row prefix with a delay of 5, the
+same requests otherwise; the worker's own inference seconds (from the reply's timings) and the
+round trips, p50 and p99 of each, and the extra per chunk.
+
 The last line is JSON: {"overhead": {"chunkbus": {"p50_ms", "p99_ms"}, "lerobot": {...},
 "ratio_p50", "ratio_p99"}, "act": {...}, "jpeg": {"p50_ms", "p99_ms"},
-"four_clients": {"chunkbus_rps", "lerobot_rps"}} (ratio = LeRobot / chunkbus).
+"four_clients": {"chunkbus_rps", "lerobot_rps"}, "rtc": {"unguided": {"p50_ms", "p99_ms",
+"inference_p50_ms"}, "guided": {...}, "extra_inference_p50_ms", "extra_round_trip_p50_ms"}}
+(ratio = LeRobot / chunkbus).
 """
 
 from __future__ import annotations
@@ -126,6 +134,40 @@ def start_chunkbus(cluster, checkpoint: Path, trivial: bool) -> str:
     return frontend
 
 
+def guidance_cost(count: int) -> dict:
+    """A flow worker, asked in turn for unguided and guided chunks: what guidance adds."""
+    from bench_broker import Cluster
+
+    from chunkbus.bus.client import BrokerClient
+
+    cluster = Cluster()
+    try:
+        frontend, backend = cluster.broker()
+        cluster.worker(backend, "flow:sine?chunk=50&steps=10", "flow")
+        samples = {"unguided": ([], []), "guided": ([], [])}
+        with BrokerClient(frontend) as client:
+            for i in range(count + 3):
+                for kind in ("unguided", "guided"):
+                    request = observation(f"rtc-{kind}-{i}")
+                    request.tick = i
+                    if kind == "guided":
+                        request.prefix = np.zeros((15, 6), np.float32) + i % 5
+                        request.expected_delay = 5
+                    start = time.perf_counter()
+                    reply = client.request("flow", request, timeout=60)
+                    if i >= 3:  # warm-up
+                        samples[kind][0].append(time.perf_counter() - start)
+                        samples[kind][1].append(reply.timings["inference"])
+    finally:
+        cluster.stop()
+    result = {kind: {**percentiles(trips), "inference_p50_ms": round(float(np.median(inference)) * 1000, 3)}
+              for kind, (trips, inference) in samples.items()}
+    result["extra_inference_p50_ms"] = round(result["guided"]["inference_p50_ms"]
+                                             - result["unguided"]["inference_p50_ms"], 3)
+    result["extra_round_trip_p50_ms"] = round(result["guided"]["p50_ms"] - result["unguided"]["p50_ms"], 3)
+    return result
+
+
 def percentiles(seconds: list[float]) -> dict[str, float]:
     p50, p99 = np.percentile(np.array(seconds) * 1000, [50, 99])
     return {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
@@ -212,6 +254,10 @@ def main() -> None:
                 f"four clients: chunkbus {chunkbus_rps:.1f} requests/s, LeRobot {lerobot_rps:.1f} requests/s",
                 flush=True,
             )
+    rtc = results["rtc"] = guidance_cost(args.count)
+    print(f"rtc (flow:sine, 50x6, 10 steps): inference p50 {rtc['unguided']['inference_p50_ms']:.2f} ms unguided, "
+          f"{rtc['guided']['inference_p50_ms']:.2f} ms guided (+{rtc['extra_inference_p50_ms']:.2f} ms); round trip "
+          f"p50 +{rtc['extra_round_trip_p50_ms']:.2f} ms", flush=True)
     if args.plot:
         plot(args.plot, samples)
     print(json.dumps(results))

@@ -75,6 +75,10 @@ def test_bench_roundtrip_runs_both_frameworks(tmp_path):
             figures[case]["lerobot"]["p50_ms"] / figures[case]["chunkbus"]["p50_ms"], 2
         )
     assert figures["four_clients"]["chunkbus_rps"] > 0 and figures["four_clients"]["lerobot_rps"] > 0
+    rtc = figures["rtc"]
+    assert rtc["guided"]["inference_p50_ms"] > 0 and rtc["unguided"]["inference_p50_ms"] > 0
+    assert rtc["extra_inference_p50_ms"] == round(rtc["guided"]["inference_p50_ms"]
+                                                  - rtc["unguided"]["inference_p50_ms"], 3)
     assert (tmp_path / "rt.png").stat().st_size > 10_000
 
 

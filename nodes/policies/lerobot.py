@@ -112,7 +112,7 @@ class LerobotPolicy:
         self._letterboxed: set[tuple] = set()
         self.rtc = enable_rtc(self.policy, config)
         self.load_s = time.perf_counter() - start
-        self.predict = self.policy.predict_action_chunk
+        self.compiled_predict = None  # torch.compile's predict_action_chunk, with --compile
         self.compiled = False
         start = time.perf_counter()
         if options.compile:
@@ -134,13 +134,13 @@ class LerobotPolicy:
         if missing:
             self.log.warning(f"--compile needs {missing}: serving the model uncompiled")
             return False
-        self.predict = self.torch.compile(self.policy.predict_action_chunk)
+        self.compiled_predict = self.torch.compile(self.policy.predict_action_chunk)
         try:
             for size in sorted({1, self.options.max_batch}):
                 self.warm_up(size)
         except Exception as exc:  # inductor's and dynamo's many errors: the eager model still works
             self.log.warning("torch.compile failed: serving the model uncompiled", error=one_line(exc))
-            self.predict = self.policy.predict_action_chunk
+            self.compiled_predict = None
             return False
         return True
 
@@ -314,7 +314,7 @@ class LerobotPolicy:
                     last[OBS_IMAGES] = queues[OBS_IMAGES][-1]
             else:
                 last = steps[-1]
-            chunk = self.predict(last, **guidance)
+            chunk = (self.compiled_predict or self.policy.predict_action_chunk)(last, **guidance)
             if chunk.ndim == 2:
                 chunk = chunk.unsqueeze(0)
             if self.device.startswith("cuda"):
