@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-ORDER = ["codec", "broker", "jitter", "roundtrip", "stitch"]
+ORDER = ["codec", "broker", "jitter", "roundtrip", "stitch", "models"]
 
 
 def run(name: str, extra: list[str]) -> dict:
@@ -54,11 +54,11 @@ def gpu_note() -> str:
         import torch
 
         if torch.cuda.is_available():
-            return f"GPU: {torch.cuda.get_device_name(0)} (no GPU table yet: run scripts/bench_gpu.py there)."
+            return f"GPU: {torch.cuda.get_device_name(0)} (the policy latency table says which device it ran on)."
     except ImportError:
         pass
-    return ("No GPU: these figures are from a CPU-only machine. The per-model GPU latency table "
-            "(scripts/bench_gpu.py) needs a machine with one and has not been run.")
+    return ("No GPU: these figures are from a CPU-only machine. The policy latency table at full size "
+            "(`scripts/bench_models.py --device cuda`) needs a machine with one and has not been run.")
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -97,6 +97,15 @@ def page(results: dict) -> str:
         f = results["roundtrip"]["four_clients"]
         aims.append(("higher throughput with four clients", f["chunkbus_rps"] > f["lerobot_rps"],
                      f"{f['chunkbus_rps']:.0f} vs {f['lerobot_rps']:.0f} requests/s"))
+    if "stitch" in results:
+        mid = [(case, rows[d]) for case, rows in results["stitch"].items() for d in rows if 3 <= int(d[1:]) <= 10]
+        if mid:
+            ratio = max(row["rtc"]["max_jump"] / max(row["replace"]["max_jump"], 1e-9) for _, row in mid)
+            over = max(row["rtc"]["max_jump"] - row["crossfade"]["max_jump"] for _, row in mid)
+            switches = sum(row["rtc"]["mode_switches"] for _, row in mid)
+            aims.append(("rtc, 3-10 ticks late: max jump at most 1/4 of replace's, no more than crossfade's, "
+                         "no mode switch", ratio <= 0.25 and over <= 0 and switches == 0,
+                         f"at most {ratio:.2f}x replace's, {over:+.2f} vs crossfade's, {switches} switches"))
     if "jitter" in results:
         for rate, v in results["jitter"].items():
             aims.append(
@@ -205,28 +214,44 @@ def page(results: dict) -> str:
             out += [r["notes"], ""]
     if "stitch" in results:
         s = results["stitch"]
-        out += ["## Stitching smoothness (`scripts/bench_stitch.py`)", "",
-                "The same chunks (a smooth reference with per-chunk offset and drift), delivered d ticks late. "
-                "Lower is smoother; the smoothest (lowest RMS jerk) per delay in bold.", ""]
-        for delay, row in s.items():
-            best = min(row, key=lambda name: row[name]["rms_jerk"])
-            out += [
-                f"**{delay[1:]} ticks late**",
+        out += ["## Stitching: control quality (`scripts/bench_stitch.py`)", "",
+                "Every strategy on the same chunks of a flow-matching policy (flow:sine: lerobot's Euler sampler and "
+                "RTC guidance, exact velocity), merged d ticks after they were asked for, at 30 Hz. Max jump: "
+                "the largest |command step - reference step| where a chunk switched in; RMS jerk: third difference "
+                "per tick; mode switches (bimodal): consecutive commands nearest to different modes. Raw action "
+                "units; lower is better; the lowest max jump per column in bold.", ""]
+        for case, rows in s.items():
+            shown = [d for d in ("d3", "d6", "d10") if d in rows] or list(rows)[:3]
+            names = list(rows[shown[0]])
+            metrics = [("max jump", "max_jump", ".2f"), ("RMS jerk", "rms_jerk", ".3f")]
+            if case == "bimodal":
+                metrics.append(("mode switches", "mode_switches", "d"))
+            header = ["strategy"] + [f"{label} {d}" for label, _, _ in metrics for d in shown]
+            best = {d: min(names, key=lambda name, d=d: rows[d][name]["max_jump"]) for d in shown}
+            body = [[name] + [f"**{rows[d][name][key]:{spec}}**" if key == "max_jump" and best[d] == name
+                              else f"{rows[d][name][key]:{spec}}" for _, key, spec in metrics for d in shown]
+                    for name in names]
+            out += [f"**{case}**", "", table(header, body), ""]
+    if "models" in results:
+        m = results["models"]
+        seeds = ", ".join(f"{kind} {fps}" for kind, fps in m["seed_fps"].items())
+        out += [f"## Policy latency per action chunk on {m['device']}, {m['dtype']} (`scripts/bench_models.py`)", "",
+                "One chunk through the worker's own code path (`LerobotPolicy.run`): random weights (latency does "
+                "not depend on their values), synthetic observations. Latency of the whole call in ms, p50 / p99; "
+                "pre-processing, inference and post-processing are p50s of the worker's own timings; "
+                "chunks/s = batch x calls / total time; vs seed = chunks/s over the seed figure for that type.", "",
+                f"The seed figures ({seeds} chunks/s) are for a cloud GPU: a CPU run cannot be compared with them.",
                 "",
-                table(
-                    ["strategy", "max jump", "RMS jerk", "RMS error"],
-                    [
-                        [
-                            f"**{name}**" if name == best else name,
-                            f"{v['max_jump']:.2f}",
-                            f"{v['rms_jerk']:.3f}",
-                            f"{v['rms_error']:.3f}",
-                        ]
-                        for name, v in row.items()
-                    ],
-                ),
-                "",
-            ]
+                table(["type", "size", "batch", "params (M)", "p50 ms", "p99 ms", "preprocess ms", "inference ms",
+                       "postprocess ms", "chunks/s", "vs seed"], [
+                    [r["type"] + (" (compiled)" if r["compiled"] else ""), r["size"], r["batch"],
+                     f"{r['params'] / 1e6:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                     f"{r['preprocess_ms']:.1f}", f"{r['inference_ms']:.1f}", f"{r['postprocess_ms']:.1f}",
+                     f"{r['chunks_per_s']:.3g}", f"{r['vs_seed']:.2f}x" if "vs_seed" in r else ""]
+                    for r in m["rows"] if "skipped" not in r
+                ]), ""]
+        skipped = [f"- {r['type']} skipped: {r['skipped']}" for r in m["rows"] if "skipped" in r]
+        out += [*skipped, ""] if skipped else []
     return "\n".join(out)
 
 
@@ -236,7 +261,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the page)")
     args = parser.parse_args()
     quick = {"codec": ["--iterations", "5", "--rounds", "2"], "broker": ["--seconds", "0.5", "--count", "50"],
-             "jitter": ["--seconds", "1.5"], "roundtrip": ["--quick"], "stitch": ["--ticks", "400"]}
+             "jitter": ["--seconds", "1.5"], "roundtrip": ["--quick"],
+             "stitch": ["--ticks", "300", "--delays", "0,3,6,10"],
+             "models": ["--types", "act,smolvla,pi0_fast", "--calls", "2", "--warmup", "1", "--batches", "1,2"]}
     DOCS.mkdir(exist_ok=True)
     results = {}
     for name in args.only or ORDER:
