@@ -27,7 +27,7 @@ from chunkbus.bus import (
     decode,
     encode,
 )
-from chunkbus.bus.messages import ERROR_CODES, MESSAGE_TYPES
+from chunkbus.bus.messages import ERROR_CODES, MESSAGE_TYPES, SetTask, TaskSet
 
 # --- strategies ---------------------------------------------------------------------------
 
@@ -129,9 +129,14 @@ def messages():
             worker=st.text(max_size=20),
             model=st.text(max_size=20),
             timings=st.dictionaries(st.text(max_size=10), st.floats(0, 100), max_size=4),
+            guided_delay=st.none() | st.integers(0, 100),
+            guided_horizon=st.none() | st.integers(1, 100),
+            unguided=st.text(max_size=20),
         ),
         st.builds(ErrorReply, st.text(max_size=20), st.sampled_from(ERROR_CODES), st.text()),
         st.builds(Stats, names, times, st.dictionaries(st.text(max_size=10), times, max_size=6)),
+        st.builds(SetTask, st.text(max_size=50)),
+        st.builds(TaskSet, names, st.text(max_size=50), st.text(max_size=50), ticks),
     )
 
 
@@ -166,7 +171,7 @@ def test_every_message_type_round_trips(message):
 
 
 def test_strategies_cover_every_message_type():
-    covered = {CameraFrame, ArmState, Command, ObservationRequest, ActionChunk, ErrorReply, Stats}
+    covered = {CameraFrame, ArmState, Command, ObservationRequest, ActionChunk, ErrorReply, Stats, SetTask, TaskSet}
     assert covered == set(MESSAGE_TYPES.values())
 
 

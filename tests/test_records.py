@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from chunkbus.bus import mdp
-from chunkbus.bus.records import BrokerStatus, Feature, ModelDescription, ServiceStatus, WorkerStatus
+from chunkbus.bus.records import BrokerStatus, Feature, ModelDescription, RtcSupport, ServiceStatus, WorkerStatus
 from chunkbus.bus.schema import MessageError
 
 MODEL = ModelDescription(
@@ -16,6 +16,10 @@ MODEL = ModelDescription(
     action_size=6,
     chunk_size=20,
     device="cuda",
+    needs_task=True,
+    dtype="bfloat16",
+    compiled=True,
+    rtc=RtcSupport("LINEAR", 10.0, 10),
 )
 
 
@@ -25,6 +29,7 @@ def test_a_model_description_survives_the_ready_frame_and_says_what_it_needs():
     back = info.model
     assert back.to_wire() == MODEL.to_wire() and back.inputs["observation.state"].shape == [6]
     assert back.camera_inputs() == ["observation.images.front"] and back.state_size() == 6
+    assert back.needs_task and back.dtype == "bfloat16" and back.compiled and back.rtc.flow_steps == 10
     assert mdp.parse_ready_extension(mdp.pack_ready_extension(mdp.WorkerInfo())).model is None  # a plain worker
 
 
@@ -32,6 +37,7 @@ def test_a_model_description_survives_the_ready_frame_and_says_what_it_needs():
     ("action_size", 0, "ready.model.action_size: must be >= 1"),
     ("inputs", {"x": {"type": "VISUAL"}}, "ready.model.inputs['x']: missing field 'shape'"),
     ("type", 7, "ready.model.type: expected a string"),
+    ("rtc", {"schedule": "LINEAR", "max_guidance_weight": 10.0}, "ready.model.rtc: missing field 'flow_steps'"),
 ])
 def test_a_wrong_model_description_is_refused_naming_the_field(field, value, problem):
     wire = {**MODEL.to_wire(), field: value}
