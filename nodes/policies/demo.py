@@ -142,7 +142,7 @@ def save_random_smolvla(folder: Path, size: str = "tiny", image_shape=(3, 96, 12
     return save_random_policy("smolvla", folder, image_shape, cameras, seed, vlm_model_name=str(vlm), **options)
 
 
-DEMO_POLICIES = ("act", "smolvla")
+DEMO_POLICIES = {"act": "ACT", "smolvla": "SmolVLA"}  # kind -> its name in a sentence
 
 
 def demo_checkpoint(kind: str) -> str:
@@ -163,7 +163,7 @@ def demo_checkpoint(kind: str) -> str:
             save_random_smolvla(partial, image_shape=DEMO_IMAGE_SHAPE, vlm_folder=vlm)
         partial.rename(folder)  # atomic: a half-written folder is never used
     log.warning(
-        f"serving an UNTRAINED demo {kind} policy with random weights: the arm will move, but "
+        f"serving an UNTRAINED demo {DEMO_POLICIES[kind]} policy with random weights: the arm will move, but "
         "not usefully. Serve your own with POLICY=/path/to/checkpoint (make demo) or --policy",
         folder=str(folder),
     )

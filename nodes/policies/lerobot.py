@@ -8,7 +8,10 @@ for. Unlike that server, a request carries the policy's whole observation histor
 `select_action` would before `predict_action_chunk` runs: no state is kept between
 requests, so any worker can serve any robot. An image whose size differs from the
 policy's input is letterboxed (resized keeping its aspect ratio, padded), never squashed.
-What goes wrong while loading is said in one line (lerobot_loading.py).
+Each request's task goes to the pre-processor as one string per batch member; a request
+with a prefix is guided towards it by lerobot's real-time chunking where the policy has it
+(guidance.py), one model call per (delay, horizon). What goes wrong while loading is said in
+one line (lerobot_loading.py).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class LerobotPolicy:
         self.torch = torch
         self.options = options
         check_device(torch, device)
+        self.dtype = choose_dtype(torch, device, options.dtype, self.log)
         path_or_id, hub = locate(path_or_id)
         start = time.perf_counter()
         with prints_logged():
@@ -76,7 +80,6 @@ class LerobotPolicy:
                 config = PreTrainedConfig.from_pretrained(path_or_id)
             config.device = device
             self.config = config
-            self.dtype = choose_dtype(torch, device, options.dtype, self.log)
             with config_errors(path_or_id, hub, config.type):
                 steps = saved_steps(path_or_id, hub)
             # What the checkpoint fetches besides itself (tokenizers, a VLM's config): checked
