@@ -208,6 +208,15 @@ def page(results: dict) -> str:
                 "one per client, since one serves a single robot).",
                 "",
             ]
+        if "rtc" in r:
+            g = r["rtc"]
+            out += [
+                "Real-time chunking's cost on the worker (a `flow:sine` worker, 50 x 6 chunks, 10 flow steps, asked "
+                f"in turn without and with a 15-row prefix): inference p50 {g['unguided']['inference_p50_ms']:.2f} ms "
+                f"unguided, {g['guided']['inference_p50_ms']:.2f} ms guided (+{g['extra_inference_p50_ms']:.2f} ms "
+                f"per chunk); round trip p50 +{g['extra_round_trip_p50_ms']:.2f} ms.",
+                "",
+            ]
         if (DOCS / "roundtrip_latency.png").exists():
             out += ["![round-trip latency distribution](roundtrip_latency.png)", ""]
         if "notes" in r:
