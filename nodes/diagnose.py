@@ -32,8 +32,8 @@ def describe_model(model: ModelDescription | None) -> str:
     if model is None:
         return "? (a plain MDP worker describes no model)"
     details = [f"chunk {model.chunk_size}", f"{model.action_size} actions", model.device or "?"]
-    details += [d for d in (model.dtype, "compiled" if model.compiled else "", "needs a task" if model.needs_task
-                            else "") if d]
+    details += [d for d in (model.dtype, "compiled" if model.compiled else "",
+                            "needs a task" if model.needs_task else "", "rtc" if model.rtc else "") if d]
     return f"{model.name} ({', '.join(details)})"
 
 

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import structlog.testing
 import torch
 from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
 from pi_checkpoints import IMAGE_SHAPE, pi_config, pi_processors, save_pi_checkpoint, stand_in_tokenizers
@@ -89,7 +90,8 @@ def test_a_tiny_smolvla_is_served_over_the_broker_and_needs_a_task(smolvla, proc
         ping.stdout + ping.stderr)
     status = subprocess.run([CHUNKBUS, "status", "--broker", broker.frontend], capture_output=True, text=True,
                             timeout=60).stdout
-    assert f"smolvla:checkpoint (chunk {SMOLVLA_CHUNK}, {ACTION_SIZE} actions, cpu, float32, needs a task)" in status
+    described = f"smolvla:checkpoint (chunk {SMOLVLA_CHUNK}, {ACTION_SIZE} actions, cpu, float32, needs a task, rtc)"
+    assert described in status, status
 
 
 def test_each_task_in_a_batch_conditions_its_own_chunk(loaded):
@@ -108,12 +110,17 @@ def test_the_worker_answers_a_request_without_a_task_with_its_default_task(smolv
     assert result.error is None and result.actions.shape == (SMOLVLA_CHUNK, ACTION_SIZE)
 
 
-def test_bfloat16_runs_where_the_cpu_has_it_and_float16_falls_back_saying_why(smolvla, capfd):
+def logged(events: list[dict]) -> str:
+    return "\n".join(str(event["event"]) for event in events)
+
+
+def test_bfloat16_runs_where_the_cpu_has_it_and_float16_falls_back_saying_why(smolvla):
     flags = open("/proc/cpuinfo").read()
-    half = LerobotPolicy(str(smolvla), "cpu", LoadOptions(dtype="float16"))
+    with structlog.testing.capture_logs() as events:
+        half = LerobotPolicy(str(smolvla), "cpu", LoadOptions(dtype="float16"))
     if "avx512_fp16" not in flags and "amx_fp16" not in flags:
         assert half.describe().dtype == "float32"
-        assert "this CPU has no float16 instructions" in "".join(capfd.readouterr())  # the log, where it goes
+        assert "this CPU has no float16 instructions" in logged(events)
     if "avx512_bf16" in flags or "amx_bf16" in flags:
         bf16 = LerobotPolicy(str(smolvla), "cpu", LoadOptions(dtype="bfloat16"))
         assert bf16.describe().dtype == "bfloat16" and next(bf16.policy.parameters()).dtype == torch.bfloat16
@@ -121,11 +128,12 @@ def test_bfloat16_runs_where_the_cpu_has_it_and_float16_falls_back_saying_why(sm
         assert result.actions.dtype == np.float32 and np.isfinite(result.actions).all()
 
 
-def test_compile_without_a_compiler_is_a_logged_fallback(smolvla, monkeypatch, capfd):
+def test_compile_without_a_compiler_is_a_logged_fallback(smolvla, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/g++")
-    policy = LerobotPolicy(str(smolvla), "cpu", LoadOptions(compile=True))
+    with structlog.testing.capture_logs() as events:
+        policy = LerobotPolicy(str(smolvla), "cpu", LoadOptions(compile=True))
     assert policy.describe().compiled is False
-    assert "--compile needs a C++ compiler (/nonexistent/g++" in "".join(capfd.readouterr())
+    assert "--compile needs a C++ compiler (/nonexistent/g++" in logged(events)
 
 
 # --- the actuator and the task ---------------------------------------------------------------
