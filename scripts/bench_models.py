@@ -176,6 +176,13 @@ def measure(policy, kind: str, size: str, batch: int, calls: int, warmup: int) -
     }
     if kind in SEED_FPS:
         row["vs_seed"] = round(batch * calls / sum(totals) / SEED_FPS[kind], 4)
+    if description.rtc is not None:  # the same requests, guided towards a 15-row prefix (real-time chunking)
+        horizon = min(15, description.chunk_size)
+        for request in requests:
+            request.prefix = np.ones((horizon, description.action_size), np.float32)
+            request.expected_delay = min(5, horizon)
+        guided = [run_checked(policy, requests).timings["inference"] for _ in range(warmup + calls)][warmup:]
+        row["guided_inference_ms"] = round(1000 * float(np.percentile(guided, 50)), 3)
     return row
 
 
@@ -186,7 +193,8 @@ def row_line(row: dict) -> str:
     return (f"{row['type']:<9} {row['size']:<7} b={row['batch']:<2} {row['params'] / 1e6:8.1f}M  "
             f"chunk {row['chunk_size']:<3}  p50 {row['p50_ms']:9.1f}  p99 {row['p99_ms']:9.1f} ms  "
             f"pre {row['preprocess_ms']:7.1f}  inf {row['inference_ms']:9.1f}  post {row['postprocess_ms']:6.1f} ms  "
-            f"{row['chunks_per_s']:8.2f} chunks/s{seed}  {row['dtype']} {'compiled' if row['compiled'] else 'eager'}")
+            f"{row['chunks_per_s']:8.2f} chunks/s{seed}  {row['dtype']} {'compiled' if row['compiled'] else 'eager'}"
+            + (f"  guided inf {row['guided_inference_ms']:.1f} ms" if "guided_inference_ms" in row else ""))
 
 
 def bench_type(kind: str, args, full: bool, batches: list[int]):

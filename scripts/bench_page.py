@@ -248,15 +248,18 @@ def page(results: dict) -> str:
                 "One chunk through the worker's own code path (`LerobotPolicy.run`): random weights (latency does "
                 "not depend on their values), synthetic observations. Latency of the whole call in ms, p50 / p99; "
                 "pre-processing, inference and post-processing are p50s of the worker's own timings; "
-                "chunks/s = batch x calls / total time; vs seed = chunks/s over the seed figure for that type.", "",
+                "chunks/s = batch x calls / total time; vs seed = chunks/s over the seed figure for that type; "
+                "guided = inference p50 of the same requests guided towards a 15-row prefix (real-time "
+                "chunking), for the policies that can.", "",
                 f"The seed figures ({seeds} chunks/s) are for a cloud GPU: a CPU run cannot be compared with them.",
                 "",
                 table(["type", "size", "batch", "params (M)", "p50 ms", "p99 ms", "preprocess ms", "inference ms",
-                       "postprocess ms", "chunks/s", "vs seed"], [
+                       "postprocess ms", "chunks/s", "vs seed", "guided inference ms"], [
                     [r["type"] + (" (compiled)" if r["compiled"] else ""), r["size"], r["batch"],
                      f"{r['params'] / 1e6:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
                      f"{r['preprocess_ms']:.1f}", f"{r['inference_ms']:.1f}", f"{r['postprocess_ms']:.1f}",
-                     f"{r['chunks_per_s']:.3g}", f"{r['vs_seed']:.2f}x" if "vs_seed" in r else ""]
+                     f"{r['chunks_per_s']:.3g}", f"{r['vs_seed']:.2f}x" if "vs_seed" in r else "",
+                     f"{r['guided_inference_ms']:.1f}" if "guided_inference_ms" in r else ""]
                     for r in m["rows"] if "skipped" not in r
                 ]), ""]
         skipped = [f"- {r['type']} skipped: {r['skipped']}" for r in m["rows"] if "skipped" in r]

@@ -108,6 +108,7 @@ def test_bench_models_reports_every_figure():
         assert row["p99_ms"] >= row["p50_ms"] and row["chunks_per_s"] > 0
         assert abs(row["vs_seed"] * figures["seed_fps"][row["type"]] - row["chunks_per_s"]) < 0.01
     assert measured[("act", 1)]["chunk_size"] == 50 and measured[("smolvla", 1)]["size"] == "tiny"
+    assert measured[("smolvla", 2)]["guided_inference_ms"] > 0 and "guided_inference_ms" not in measured[("act", 1)]
     (fast,) = [row for row in figures["rows"] if row["type"] == "pi0_fast"]
     assert "FAST action tokenizer" in fast["skipped"]
     # The page renders these figures (the canned sample in tests/data has no models table).
