@@ -59,7 +59,21 @@ def stop_event() -> threading.Event:
 def run_node(node: Node) -> None:
     """Run `node` in this (the main) thread until SIGINT, SIGTERM or SIGHUP stops it."""
     on_stop_signals(node.stop)
-    node.run()
+    try:
+        node.run()
+    finally:
+        end_zmq()
+
+
+def end_zmq() -> None:
+    """Send what the closed sockets still hold (their linger) and end ZeroMQ now, while every
+    buffer sent without a copy is alive: at interpreter exit pyzmq may drop its references to
+    them while libzmq's I/O thread still writes one (a camera aborted with "Bad address
+    (src/tcp.cpp)" as it stopped)."""
+    import zmq
+
+    if zmq.Context._instance is not None:
+        zmq.Context.instance().destroy(linger=200)
 
 
 def announce_ready(log: Any, kind: str, **fields: Any) -> None:
