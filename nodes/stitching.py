@@ -173,7 +173,6 @@ class DelayEstimate:
     no prefix (there is nothing yet to agree with), so its guided ones always have a measure."""
 
     def __init__(self, fps: float, window: int = 10, initial: int | None = None):
-        self.fps = fps
         self.delays: deque[int] = deque(maxlen=window)
         self.initial = initial if initial is not None else math.ceil(fps)  # 1 s: nothing measured yet
 
