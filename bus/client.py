@@ -4,6 +4,11 @@ One BrokerClient is used from one thread. Requests may overlap: replies are matc
 requests by their request id. The DEALER socket reconnects to a restarted broker by
 itself; with ZMQ_IMMEDIATE it queues nothing while no broker is connected, so a request
 is never delivered late to a broker that comes back minutes after it was sent.
+
+Every request sent gets exactly one answer: the broker's (a reply, or an error saying why
+not), or, when the connection to the broker is lost first (it died, restarted, or fell
+silent past the ZMTP heartbeat), `broker_lost` from the client itself at once. Such a
+request may or may not have run; a reply to it that still came would be dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import msgpack
@@ -21,12 +27,18 @@ from .codec import decode, encode
 from .messages import ErrorReply, Message
 from .records import BrokerStatus, ModelDescription
 from .schema import MessageError
+from .security import ClientKeys, Handshakes
 
 _ids = itertools.count(1)
 
 
 class BrokerUnavailable(ConnectionError):
     """The broker cannot be reached."""
+
+
+class BrokerRefused(BrokerUnavailable):
+    """The broker is there but the CURVE handshake failed: the text says why (a refused key, a
+    wrong broker key, CURVE on one side only). Retrying with the same keys cannot help."""
 
 
 class RequestFailed(RuntimeError):
@@ -50,7 +62,8 @@ def new_request_id(prefix: str) -> str:
 
 
 class BrokerClient:
-    def __init__(self, broker: str, *, context: zmq.Context | None = None, connect_timeout: float = 5.0):
+    def __init__(self, broker: str, *, context: zmq.Context | None = None, connect_timeout: float = 5.0,
+                 keys: ClientKeys | None = None):
         self.broker = broker
         self.connect_timeout = connect_timeout
         self.context = context or zmq.Context.instance()
@@ -62,12 +75,39 @@ class BrokerClient:
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if keys is not None:
+            keys.apply(self.socket)
+        self.handshakes = Handshakes(self.socket, f"the broker at {broker}", curve=keys is not None,
+                                     allow_option="--allow-robots")
         self.socket.connect(broker)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.handshakes.monitor, zmq.POLLIN)
         self.rejected = 0  # replies that could not be decoded
+        self.links_lost = 0  # times the connection to the broker was lost
         self._unclaimed: dict[str, Reply] = {}
+        self._outstanding: dict[str, tuple[str, str]] = {}  # request id -> service, robot id
+        self._lost: deque[Reply] = deque()  # broker_lost answers not yet received
+        self._lost_ids: deque[str] = deque(maxlen=1000)  # their requests: a reply that still comes is dropped
 
     def close(self) -> None:
+        self.handshakes.close()
         self.socket.close(linger=0)
+
+    def _watch_link(self) -> None:
+        """Read the socket's monitor: a lost connection answers every outstanding request
+        `broker_lost` at once (the broker that had them is gone, or forgot them)."""
+        lost, _ = self.handshakes.read()
+        if not lost:
+            return
+        self.links_lost += 1
+        now = time.monotonic()
+        why = (f"the connection to the broker at {self.broker} was lost before it answered (it stopped, restarted or "
+               "fell silent): the request may or may not have run")
+        for request_id, (service, robot_id) in self._outstanding.items():
+            self._lost.append(Reply(service, ErrorReply(request_id, "broker_lost", why, robot_id), now))
+            self._lost_ids.append(request_id)
+        self._outstanding.clear()
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -78,42 +118,75 @@ class BrokerClient:
     # --- sending ------------------------------------------------------------------------
 
     def send_frames(self, service: str, body: list) -> None:
-        """Send one MDP request; waits up to connect_timeout for a connected broker."""
-        if not self.socket.poll(self.connect_timeout * 1000, zmq.POLLOUT):
-            raise BrokerUnavailable(
-                f"no broker at {self.broker} within {self.connect_timeout:.1f} s: "
-                "is it running, and is the address right (tcp://HOST:5555)?"
-            )
+        """Send one MDP request; waits up to connect_timeout for a connected broker. Raises
+        BrokerRefused as soon as the handshake fails, BrokerUnavailable after the timeout."""
+        deadline = time.monotonic() + self.connect_timeout
+        writable = zmq.Poller()
+        writable.register(self.socket, zmq.POLLOUT)
+        writable.register(self.handshakes.monitor, zmq.POLLIN)
+        while not self.socket.poll(0, zmq.POLLOUT):
+            self._watch_link()
+            if self.handshakes.problem is not None:
+                raise BrokerRefused(self.handshakes.problem)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(
+                    f"no broker at {self.broker} within {self.connect_timeout:.1f} s: "
+                    "is it running, and is the address right (tcp://HOST:5555)?"
+                )
+            writable.poll(remaining * 1000)
         self.socket.send_multipart(mdp.client_to_broker(service, body), copy=False)
 
     def send(self, service: str, message: Message) -> None:
         """Send a chunkbus request (its request_id, priority, ttl and replace_key go along)."""
         self.send_frames(service, encode(message))
+        request_id = message.request_id  # type: ignore[attr-defined]
+        self._outstanding[request_id] = (service, getattr(message, "robot_id", ""))
+        if len(self._outstanding) > 10_000:  # requests nobody receives the answers of
+            self._outstanding.pop(next(iter(self._outstanding)))
 
     # --- receiving ----------------------------------------------------------------------
 
     def receive_frames(self, timeout: float) -> tuple[str, list] | None:
-        """The next reply's service and body frames, or None after `timeout` seconds."""
-        if not self.socket.poll(timeout * 1000, zmq.POLLIN):
-            return None
-        try:
-            return mdp.parse_broker_to_client(self.socket.recv_multipart(copy=False))
-        except MessageError:
-            self.rejected += 1
-            return self.receive_frames(0)
-
-    def receive(self, timeout: float) -> Reply | None:
-        """The next reply to any request of this client, or None after `timeout` seconds."""
+        """The next reply's service and body frames, or None after `timeout` seconds (or
+        sooner, when the connection is lost: see receive)."""
         deadline = time.monotonic() + timeout
         while True:
+            events = dict(self.poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
+            if self.handshakes.monitor in events:
+                self._watch_link()
+                if self._lost:
+                    return None
+            if self.socket in events:
+                try:
+                    return mdp.parse_broker_to_client(self.socket.recv_multipart(copy=False))
+                except MessageError:
+                    self.rejected += 1
+            if time.monotonic() >= deadline and not events:
+                return None
+
+    def receive(self, timeout: float) -> Reply | None:
+        """The next answer to any request of this client, or None after `timeout` seconds. When
+        the connection to the broker is lost, each outstanding request is answered `broker_lost`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._lost:
+                return self._lost.popleft()
             received = self.receive_frames(max(0.0, deadline - time.monotonic()))
             if received is None:
+                if self._lost:
+                    continue
                 return None
             service, body = received
             try:
-                return Reply(service, decode(body), time.monotonic())
+                message = decode(body)
             except MessageError:
                 self.rejected += 1
+                continue
+            request_id = getattr(message, "request_id", "")
+            if self._outstanding.pop(request_id, None) is None and request_id in self._lost_ids:
+                continue  # already answered broker_lost
+            return Reply(service, message, time.monotonic())
 
     def request(self, service: str, message: Message, timeout: float) -> Message:
         """Send `message` and wait for its answer; raises RequestFailed for an ErrorReply.
@@ -143,9 +216,12 @@ class BrokerClient:
 
     def _mmi(self, name: str, body: bytes, timeout: float) -> bytes:
         self.send_frames(name, [body])
-        deadline = time.monotonic() + timeout
+        deadline, lost = time.monotonic() + timeout, self.links_lost
         while (remaining := deadline - time.monotonic()) > 0:
             received = self.receive_frames(remaining)
+            if self.links_lost != lost:
+                raise BrokerUnavailable(f"the connection to the broker at {self.broker} was lost before it answered "
+                                        f"{name}")
             if received is None:
                 break
             service, frames = received

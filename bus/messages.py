@@ -239,6 +239,8 @@ ERROR_CODES = (
     "rejected",  # the queue is full
     "failed",  # the worker died or failed while running it
     "no_service",  # no such service
+    "broker_lost",  # the client lost its broker before the answer came (the request may have run)
+    "unauthorized",  # CURVE is on and this key may not do that (another robot's id, a removed key)
     "internal",  # a bug: the text says where
 )
 

@@ -5,6 +5,10 @@ A WorkerLink runs in a thread of its own and owns the DEALER socket: it register
 broker falls silent it closes the socket, opens a new one and registers again (ZeroMQ's
 reconnect alone would not re-register). The thread that runs the model talks to it
 through a PAIR pipe, so a long inference never looks like a dead worker.
+
+With CURVE keys, a handshake that fails (the broker refuses this key, the broker's key is
+not the one given, CURVE on one side only) ends the link: retrying cannot fix it, so the
+worker stops and says why (`problem`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ import zmq
 from . import mdp
 from .log import get_logger
 from .schema import MessageError
+from .security import ClientKeys, Handshakes
 from .sockets import drain
 
 _PIPE = "inproc://chunkbus-worker-{}"
+
+
+class LinkFailed(RuntimeError):
+    """The link gave up: its handshake with the broker failed (the text says why)."""
 
 
 class WorkerLink:
@@ -34,10 +43,13 @@ class WorkerLink:
         context: zmq.Context | None = None,
         heartbeat_interval: float = mdp.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = mdp.HEARTBEAT_LIVENESS,
+        keys: ClientKeys | None = None,
     ):
         self.broker, self.service, self.info = broker, service, info
         self.context = context or zmq.Context.instance()
         self.interval, self.liveness = heartbeat_interval, heartbeat_liveness
+        self.keys = keys
+        self.problem: str | None = None  # why the link gave up (a failed handshake); the worker stops
         self.log = get_logger(component="link")
         self.endpoint = _PIPE.format(id(self))
         self.registrations = 0
@@ -54,29 +66,43 @@ class WorkerLink:
         self._thread.start()
         return outer
 
+    def check(self) -> None:
+        """Raise LinkFailed if the link gave up."""
+        if self.problem is not None:
+            raise LinkFailed(self.problem)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> tuple[zmq.Socket, Handshakes]:
         socket = self.context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(socket)
+        handshakes = Handshakes(socket, f"the broker at {self.broker}", curve=self.keys is not None,
+                                allow_option="--allow-workers")
         socket.connect(self.broker)
         socket.send_multipart(mdp.worker_to_broker(mdp.READY, service=self.service, info=self.info))
         self.registrations += 1
-        return socket
+        return socket, handshakes
 
     def _run(self) -> None:
-        socket = self._connect()
+        socket, handshakes = self._connect()
         poller = zmq.Poller()
         poller.register(self._inner, zmq.POLLIN)
         poller.register(socket, zmq.POLLIN)
+        poller.register(handshakes.monitor, zmq.POLLIN)
         heard = time.monotonic()
         next_heartbeat = heard + self.interval
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self.interval * 1000 / 2))
                 now = time.monotonic()
+                if handshakes.monitor in events and (problem := handshakes.read()[1]) is not None:
+                    self.problem = problem
+                    self.log.error("the broker connection failed: stopping", why=problem)
+                    return
                 if socket in events:
                     for frames in drain(socket):
                         heard = now
@@ -94,9 +120,12 @@ class WorkerLink:
                             silent_s=round(now - heard, 2),
                         )
                     poller.unregister(socket)
+                    poller.unregister(handshakes.monitor)
+                    handshakes.close()
                     socket.close(linger=0)
-                    socket = self._connect()
+                    socket, handshakes = self._connect()
                     poller.register(socket, zmq.POLLIN)
+                    poller.register(handshakes.monitor, zmq.POLLIN)
                     heard = now
                 if now >= next_heartbeat:
                     socket.send_multipart(mdp.worker_to_broker(mdp.HEARTBEAT))
@@ -106,6 +135,7 @@ class WorkerLink:
                 socket.send_multipart(mdp.worker_to_broker(mdp.DISCONNECT), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+            handshakes.close()
             socket.close(linger=100)
             self._inner.close(linger=0)
 

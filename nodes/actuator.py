@@ -30,7 +30,7 @@ from functools import partial
 
 import numpy as np
 
-from ..bus.client import BrokerClient, BrokerUnavailable, new_request_id
+from ..bus.client import BrokerClient, BrokerRefused, BrokerUnavailable, new_request_id
 from ..bus.endpoints import COMMAND, STATE, camera_node, camera_topic, stats_topic
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import Every, get_logger
@@ -46,6 +46,7 @@ from ..bus.messages import (
     TaskSet,
 )
 from ..bus.records import ModelDescription
+from ..bus.security import ClientKeys
 from ..bus.sockets import ControlServer, Publisher, Subscriber
 from ..bus.ticker import Ticker
 from . import stitching
@@ -73,6 +74,7 @@ class ActuatorConfig:
     margin_ticks: int = 2
     request_timeout: float = 2.0
     name: str = "actuator"
+    keys: ClientKeys | None = None  # CURVE: this robot's key pair and the broker's public key
 
 
 # The once-a-second log line, in this order (the README explains each); the published
@@ -88,9 +90,12 @@ class SetupError(RuntimeError):
 
 
 def ask_model(client: BrokerClient, service: str) -> tuple[ModelDescription | None, str | None]:
-    """The model `service` serves, or None and why not (the broker is silent, or has no worker)."""
+    """The model `service` serves, or None and why not (the broker is silent, or has no worker);
+    SetupError when the broker refuses this robot's keys."""
     try:
         model = client.model(service, timeout=1.0)
+    except BrokerRefused as exc:
+        raise SetupError(str(exc)) from None
     except (TimeoutError, BrokerUnavailable):
         return None, (f"no answer from the broker at {client.broker}: is `chunkbus broker` running there, and is "
                       "the address right (--broker HOST:PORT)?")
@@ -118,7 +123,7 @@ class Actuator:
         except Exception:
             self.publisher.close()
             raise
-        self.client = BrokerClient(config.broker, connect_timeout=0.0)
+        self.client = BrokerClient(config.broker, connect_timeout=0.0, keys=config.keys)
         self.model: ModelDescription | None = None  # the service's, from the broker (mmi.model)
         self.unfit: str | None = None  # why a model that came later does not fit this robot
         self.refreshing = threading.Event()  # asking the broker for the model again
@@ -239,8 +244,11 @@ class Actuator:
     def refresh_model(self, state) -> None:
         """A chunk came from another model than the one checked (a worker came or went): ask
         the broker again, off the control loop, and stop asking for chunks if it does not fit."""
-        with BrokerClient(self.config.broker, connect_timeout=1.0) as client:
-            model, problem = ask_model(client, self.config.service)
+        with BrokerClient(self.config.broker, connect_timeout=1.0, keys=self.config.keys) as client:
+            try:
+                model, problem = ask_model(client, self.config.service)
+            except SetupError as exc:
+                model, problem = None, str(exc)
         if model is None:
             self.refreshing.clear()
             return self.log.warning("could not ask the broker for the service's new model", why=problem)
@@ -295,6 +303,8 @@ class Actuator:
             _, k_obs, sent = self.outstanding
             self.outstanding = None
             if isinstance(message, ErrorReply):
+                if message.code == "unauthorized":  # this key may not do that: asking again cannot help
+                    raise SetupError(f"the broker refused this robot's request: {message.message}")
                 self.counts["errors"] += 1
                 if message.code == "bad_request":  # it will not fit next time either: ask less often
                     self.paused_until = now + self.pause
@@ -406,6 +416,8 @@ class Actuator:
         )
         try:
             self.client.send(self.config.service, request)
+        except BrokerRefused as exc:  # the keys no longer get in (a restarted broker with other keys)
+            raise SetupError(str(exc)) from None
         except BrokerUnavailable:
             self.counts["unreachable"] += 1
             self.warn("unreachable", f"cannot reach the broker at {self.config.broker}: is it running, and is "

@@ -5,6 +5,12 @@ One thread runs the event loop below; nothing else touches the sockets. This is 
 broker's I/O: the poll loop, the frames (bus/mdp.py), the capture for taps and the status
 snapshot. What goes where and when is the pure Scheduler's (nodes/broker_core.py), and so
 are the promises: every request gets exactly one answer; a late reply is discarded.
+
+With CURVE on (bus/security.py), both ports take only CURVE connections whose keys are in
+their allow-list folder: robots' on the frontend, workers' on the backend, so a robot's key
+cannot serve and a worker's cannot ask. Each message carries its key's name (User-Id): a
+request must carry that name as its robot id, and a key removed from its folder is cut off
+at its next message (a worker at once).
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import msgpack
 import zmq
 
 from ..bus import mdp
-from ..bus.codec import encode, message_type
+from ..bus.codec import MAX_MESSAGE_BYTES, encode, message_type
 from ..bus.endpoints import capture_topic, is_ipv6
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import Every, get_logger
 from ..bus.messages import ErrorReply
 from ..bus.records import BrokerStatus
 from ..bus.schema import MessageError
+from ..bus.security import AllowList, ZapHandler, make_server, read_key_pair
 from ..bus.sockets import Publisher, drain
 from .broker_core import Accepted, Answer, Dispatch, Removed, Scheduler, SchedulerConfig, ToWorker
 
@@ -34,6 +41,14 @@ class BrokerConfig(SchedulerConfig):  # the scheduler's settings, and where the 
     frontend: str = "tcp://*:5555"
     backend: str = "tcp://*:5556"
     capture: str | None = "broker"  # node name whose ipc endpoint offers the traffic to taps; None: off
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # a larger frame drops its sender's connection
+    curve_secret: str | None = None  # the broker's NAME.key_secret: CURVE on both ports
+    allow_robots: str | None = None  # folders of the public keys allowed on each port (with curve_secret)
+    allow_workers: str | None = None
+
+
+class BrokerSetupError(ValueError):
+    """The broker's configuration cannot work (its keys); the text names the fix."""
 
 
 class Broker:
@@ -42,17 +57,22 @@ class Broker:
         self.context = context or zmq.Context.instance()
         self.log = get_logger()
         self.core = Scheduler(config)
-        self.counters = {"malformed_frontend": 0, "malformed_backend": 0}
+        self.counters = {"malformed_frontend": 0, "malformed_backend": 0, "unauthorized": 0}
         self.complain_every = Every(1.0)  # a line a second at most, whatever the flood
         self.started = time.monotonic()
         self.snapshot = BrokerStatus(0.0, "", "")  # replaced before anyone reads it
         self.stop_event = threading.Event()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.backend = self.context.socket(zmq.ROUTER)
+        self.robots = self.workers = None  # AllowLists, with CURVE on
+        self.worker_keys: dict[bytes, str] = {}  # a worker's identity -> its key's name
+        if config.curve_secret:
+            self._secure(config)
         for socket, endpoint in ((self.frontend, config.frontend), (self.backend, config.backend)):
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished peer's reply is dropped
             socket.setsockopt(zmq.IPV6, is_ipv6(endpoint))  # tcp://[::]:5555 (both stacks), [::1]:5555
+            socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)  # no client makes it allocate gigabytes
             socket.bind(endpoint)
         # Requests and replies as they pass, on broker/request/SERVICE and broker/reply/SERVICE,
         # for `chunkbus tap` (a PUB socket: free when nobody listens, never blocks).
@@ -60,8 +80,38 @@ class Broker:
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def _secure(self, config: BrokerConfig) -> None:
+        if not (config.allow_robots and config.allow_workers):
+            raise BrokerSetupError("with --curve-secret the broker needs --allow-robots DIR and --allow-workers DIR: "
+                                   "the folders of the public keys (NAME.key) of the robots and the workers it lets in")
+        own = read_key_pair(config.curve_secret)
+        self.robots = AllowList(config.allow_robots, "--allow-robots")
+        self.workers = AllowList(config.allow_workers, "--allow-workers")
+        self.zap = ZapHandler.of(self.context)
+        self.domains = {"robots": self.zap.add_domain("robots", self.robots),
+                        "workers": self.zap.add_domain("workers", self.workers)}
+        make_server(self.frontend, own, self.domains["robots"])
+        make_server(self.backend, own, self.domains["workers"])
+        self.log.info("CURVE on", key=own.public.decode(), robots=len(self.robots.names),
+                      workers=len(self.workers.names))
+
+    def refresh_keys(self, now: float) -> None:
+        """Re-read the allow-lists (a key file added or removed); a removed worker key's workers
+        are dropped at once (their requests run elsewhere), a robot key's next message refused."""
+        if self.robots is None:
+            return
+        self.worker_keys = {i: key for i, key in self.worker_keys.items() if i in self.core.workers}
+        self.robots.refresh()
+        for name in self.workers.refresh():
+            for identity in [i for i, key in self.worker_keys.items() if key == name]:
+                self.worker_keys.pop(identity)
+                if identity in self.core.workers:
+                    self.send(self.core.remove_worker(identity, f"its key {name!r} was removed", now))
+                self.send([ToWorker(identity, mdp.DISCONNECT)])
+
     def run(self) -> None:
-        announce_ready(self.log, "broker", frontend=self.frontend_endpoint, backend=self.backend_endpoint)
+        announce_ready(self.log, "broker", frontend=self.frontend_endpoint, backend=self.backend_endpoint,
+                       curve=self.robots is not None)
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -82,6 +132,7 @@ class Broker:
                 if now >= next_heartbeat:
                     next_heartbeat = now + interval
                     self.send(self.core.heartbeat(now))
+                    self.refresh_keys(now)
                     self.update_snapshot()
         finally:
             self.shutdown()
@@ -140,10 +191,26 @@ class Broker:
             request = mdp.parse_client_to_broker(frames)
         except MessageError as exc:
             return self.malformed("frontend", str(exc), len(frames))
+        key = frames[-1].get("User-Id") if self.robots is not None else ""
+        if key and not self.robots.allows(key):
+            return self.refuse(request, mdp.request_options(request.body), f"the key {key!r} is no longer allowed "
+                               "(it was removed from the broker's --allow-robots)")
         if request.service.startswith("mmi."):
             return self.on_mmi(request)
         options, now = mdp.request_options(request.body), time.monotonic()
-        self.send(self.core.request(request.client, request.service, request.body, options, now))
+        if key and options.robot_id != key:
+            return self.refuse(request, options, f"robot id {options.robot_id!r} is not this key's: the key "
+                               f"{key!r} may only send requests as robot {key!r} (--robot-id)")
+        self.send(self.core.request(request.client, request.service, request.body, options, now, key))
+
+    def refuse(self, request: mdp.ClientRequest, options: mdp.RequestOptions, why: str) -> None:
+        """Answer a request the key may not send `unauthorized` (it goes to no worker)."""
+        self.counters["unauthorized"] += 1
+        if self.complain_every(time.monotonic()):
+            self.log.warning("refused a request", service=request.service, robot_id=options.robot_id, why=why,
+                             total=self.counters["unauthorized"])
+        body = encode(ErrorReply(options.request_id, "unauthorized", why, options.robot_id))
+        self.frontend.send_multipart(mdp.broker_to_client(request.client, request.service, body), copy=False)
 
     def on_mmi(self, request: mdp.ClientRequest) -> None:
         name = request.body[0].bytes.decode("utf-8", "replace") if request.body else ""
@@ -168,6 +235,13 @@ class Broker:
         except MessageError as exc:
             return self.malformed("backend", str(exc), len(frames))
         identity, command, now = message.identity, message.command, time.monotonic()
+        if self.workers is not None:
+            key = frames[-1].get("User-Id")
+            if not self.workers.allows(key):  # removed from --allow-workers since it connected
+                if identity in self.core.workers:
+                    self.send(self.core.remove_worker(identity, f"its key {key!r} was removed", now))
+                return self.send([ToWorker(identity, mdp.DISCONNECT)])
+            self.worker_keys[identity] = key
         worker = self.core.workers.get(identity)
         if command == mdp.READY and (worker is not None or message.problem is None):
             # A known worker's READY is a protocol error: it is dropped and told to disconnect.
@@ -195,22 +269,26 @@ class Broker:
                 self.log.info("discarded a late reply", worker=worker.name, ticket=message.ticket.hex())
             self.send(outputs)
         elif command == mdp.DISCONNECT:
+            self.worker_keys.pop(identity, None)
             self.send(self.core.remove_worker(identity, "it disconnected", now))
 
     def update_snapshot(self) -> None:
         """The figures that mmi.status and the metrics endpoint report (read by other threads)."""
         now = time.monotonic()
         services, workers = self.core.figures(now)
+        counters = {**self.counters, "late_replies": self.core.late_replies}
+        if self.robots is not None:  # connections whose key the ZAP handler refused
+            counters.update({f"refused_{side}": self.zap.refusals(domain) for side, domain in self.domains.items()})
         self.snapshot = BrokerStatus(now - self.started, self.frontend_endpoint, self.backend_endpoint, services,
-                                     workers, {**self.counters, "late_replies": self.core.late_replies})
+                                     workers, counters)
 
 
-def serve(config: BrokerConfig, metrics_port: int | None = None) -> None:
+def serve(config: BrokerConfig, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
     """Run a broker in this process until SIGINT, SIGTERM or SIGHUP."""
     broker = Broker(config)
     if metrics_port is not None:
         from .metrics import start_metrics_server
 
-        address = start_metrics_server(lambda: broker.snapshot, metrics_port)
+        address = start_metrics_server(lambda: broker.snapshot, metrics_port, metrics_host)
         broker.log.info("metrics served", url=f"http://{address[0]}:{address[1]}/metrics")
     run_node(broker)

@@ -2,9 +2,14 @@
 returns what the broker must do, as plain data: Accepted (capture it), Dispatch, Answer,
 ToWorker (a heartbeat or disconnect) and Removed (log it).
 
-Per service it keeps a queue: higher priority first, first-in first-out within one (a
-re-queued request keeps its place). A request goes to the worker with the most free
-capacity, the least recently used among equals. The promises: every request gets exactly
+Per service it keeps a queue: higher priority first; within one priority, robots take turns
+(start-time fair queueing: a request's round is one past its robot's previous request's, and
+never earlier than the round being served), first-in first-out within a round (a re-queued
+request keeps its place). So one robot that floods the broker delays another by at most the
+work already running, a robot's own requests stay in order, and a robot may hold at most
+`max_per_robot` requests at once. A robot is its key's identity when CURVE is on,
+else its robot id; replace keys are its own. A request goes to the worker with the most
+free capacity, the least recently used among equals. The promises: every request gets exactly
 one Answer (the worker's reply, or an error code that says why not); nothing is dispatched
 after its answer; a reply to a request already answered, or given to another worker, is
 discarded and counted in `late_replies`.
@@ -39,6 +44,7 @@ class SchedulerConfig:
     default_ttl: float | None = None  # for requests that carry none
     request_timeout: float = 60.0  # a dispatched request unanswered this long has failed
     max_attempts: int = 2  # runs of one request (re-runs after its worker died)
+    max_per_robot: int = 16  # requests one robot may have queued or running; more are rejected
 
     @property
     def liveness(self) -> float:
@@ -58,10 +64,13 @@ class Request:
     service: str
     body: list  # opaque here: passed on to a worker as it came
     options: RequestOptions
-    seq: int  # arrival order: FIFO within a priority, kept when re-queued
+    robot: str  # whose it is: the key's identity, or the robot id
+    round: int  # its fair-queueing round: robots take turns within a priority
+    seq: int  # arrival order: FIFO among equals, kept when re-queued
     received: float
     expires: float | None
     state: State = State.QUEUED
+    held: bool = False  # counted in Scheduler.held, until answered
     attempts: int = 0
     dispatched: float = 0.0
     ticket: bytes = b""
@@ -92,10 +101,10 @@ class WorkerSlot:
 @dataclass(eq=False)
 class Service:
     name: str
-    queue: list = field(default_factory=list)  # heap of (-priority, seq, Request); lazy deletion
+    queue: list = field(default_factory=list)  # heap of (-priority, round, seq, Request); lazy deletion
     queued: int = 0
     workers: dict[bytes, WorkerSlot] = field(default_factory=dict)
-    by_key: dict[str, Request] = field(default_factory=dict)  # queued requests by replace key
+    by_key: dict[tuple[str, str], Request] = field(default_factory=dict)  # queued, by (robot, replace key)
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     queue_wait: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     service_time: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -169,29 +178,41 @@ class Scheduler:
         self.running: dict[bytes, Request] = {}  # ticket -> request, for every worker
         self.expiries: list = []  # heap of (expires, seq, Request); lazy deletion
         self.late_replies = 0
+        self.held: dict[str, int] = {}  # per robot: its requests queued or running
+        self.serving = 0  # the round of the request dispatched last
+        self.next_round: dict[str, int] = {}  # per robot: the round after its newest request's
         self._arrivals = itertools.count()
         self._tickets = itertools.count(1)
 
     # --- events ----------------------------------------------------------------------------
 
     def request(
-        self, client: bytes, service_name: str, body: list, options: RequestOptions, now: float
+        self, client: bytes, service_name: str, body: list, options: RequestOptions, now: float, robot: str = ""
     ) -> list[Output]:
+        """A client's request; `robot` is whose it is (default: its robot id, else the client)."""
         ttl = options.ttl if options.ttl is not None else self.config.default_ttl
-        request = Request(
-            client, service_name, body, options, next(self._arrivals), now,
-            None if ttl is None else now + ttl,
-        )
+        robot = robot or options.robot_id or client.hex()
         service = self._service(service_name)
         out: list[Output] = []
-        old = service.by_key.get(options.replace_key) if options.replace_key is not None else None
+        old = service.by_key.get((robot, options.replace_key)) if options.replace_key is not None else None
         if old is not None:
             self._unqueue(old)
             out.append(self._answer(old, "superseded", f"superseded by request {options.request_id!r}"))
+        held = self.held.get(robot, 0)
+        request = Request(
+            client, service_name, body, options, robot, max(self.serving, self.next_round.get(robot, 0)),
+            next(self._arrivals), now, None if ttl is None else now + ttl,
+        )
         if service.queued >= self.config.max_queue:
             why = f"queue of service {service_name!r} is full ({self.config.max_queue} requests)"
             out.append(self._answer(request, "rejected", why))
             return out
+        if held >= self.config.max_per_robot:
+            why = f"robot {robot!r} already has {held} requests queued or running (the broker's --max-per-robot)"
+            out.append(self._answer(request, "rejected", why))
+            return out
+        self.held[robot], request.held = held + 1, True
+        self.next_round[robot] = request.round + 1
         out.append(Accepted(service_name, body))
         self._enqueue(service, request)
         self._dispatch(service, now, out)
@@ -335,10 +356,10 @@ class Scheduler:
 
     def _enqueue(self, service: Service, request: Request) -> None:
         request.state = State.QUEUED
-        heapq.heappush(service.queue, (-request.options.priority, request.seq, request))
+        heapq.heappush(service.queue, (-request.options.priority, request.round, request.seq, request))
         service.queued += 1
         if request.options.replace_key is not None:
-            service.by_key[request.options.replace_key] = request
+            service.by_key[request.robot, request.options.replace_key] = request
         if request.expires is not None:
             heapq.heappush(self.expiries, (request.expires, request.seq, request))
 
@@ -347,13 +368,13 @@ class Scheduler:
         skipped once its state is no longer QUEUED (the caller changes it at once)."""
         service = self.services[request.service]
         service.queued -= 1
-        key = request.options.replace_key
-        if key is not None and service.by_key.get(key) is request:
+        key = (request.robot, request.options.replace_key)
+        if key[1] is not None and service.by_key.get(key) is request:
             del service.by_key[key]
 
     def _pop_next(self, service: Service) -> Request | None:
         while service.queue:
-            _, _, request = heapq.heappop(service.queue)
+            request = heapq.heappop(service.queue)[-1]
             if request.state is State.QUEUED:
                 self._unqueue(request)
                 return request
@@ -376,6 +397,7 @@ class Scheduler:
                 out.append(self._answer(request, "expired", "its ttl passed before a worker was free"))
                 continue
             self._set_running(request, worker)
+            self.serving = max(self.serving, request.round)
             request.attempts += 1
             request.dispatched = worker.last_used = now
             service.queue_wait.append(now - request.received)
@@ -384,6 +406,13 @@ class Scheduler:
 
     def _answer(self, request: Request, outcome: str, why: str = "", reply: list | None = None) -> Answer:
         """The one answer to `request`: it is done afterwards."""
+        if request.held:  # it counted against its robot's bound until now
+            request.held = False
+            self.held[request.robot] -= 1
+            if not self.held[request.robot]:
+                del self.held[request.robot]
+                if self.next_round.get(request.robot, 0) <= self.serving:  # nothing to remember
+                    self.next_round.pop(request.robot, None)
         request.state = State.DONE
         self.services[request.service].outcomes[outcome] += 1
         options = request.options

@@ -11,7 +11,16 @@ from ..bus.endpoints import camera_node, list_publishers, runtime_dir
 from ..bus.lifecycle import follow_launcher
 from ..bus.log import LEVELS
 from ..launch.cli import launch_command
-from .cli_options import BROKER_FORMS, CLIENT_BROKER, BrokerAddress, LogOptions, PermanentError, pairs
+from .cli_options import (
+    BROKER_FORMS,
+    CLIENT_BROKER,
+    BrokerAddress,
+    LogOptions,
+    PermanentError,
+    client_keys,
+    curve_options,
+    pairs,
+)
 from .policies import DTYPES
 
 
@@ -53,7 +62,17 @@ def endpoints(log: LogOptions) -> None:
 @main.command()
 @click.option("--frontend", default="tcp://*:5555", help="Where clients (robots) connect.")
 @click.option("--backend", default="tcp://*:5556", help="Where workers connect.")
+@click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
+              help="The broker's secret key file (NAME.key_secret, from `chunkbus keys new`): CURVE encryption and "
+                   "authentication on both ports; plaintext connections are refused.")
+@click.option("--allow-robots", type=click.Path(file_okay=False), default=None,
+              help="With --curve-secret: the folder of the robots' public keys (NAME.key; NAME is the robot id its "
+                   "requests must carry). Watched: adding or removing a file takes effect at once.")
+@click.option("--allow-workers", type=click.Path(file_okay=False), default=None,
+              help="With --curve-secret: the folder of the workers' public keys. Watched like --allow-robots.")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /health on this HTTP port.")
+@click.option("--metrics-host", default="127.0.0.1",
+              help="The address the metrics port binds: 0.0.0.0 lets other hosts (a Prometheus) scrape it.")
 @click.option(
     "--max-queue", type=click.IntRange(1), default=64, help="Requests a service may queue; more are rejected."
 )
@@ -66,21 +85,28 @@ def endpoints(log: LogOptions) -> None:
     "--heartbeat-liveness", type=click.IntRange(1), default=3, help="Heartbeats missed before a worker is dropped."
 )
 @click.option("--max-attempts", type=click.IntRange(1), default=2, help="Runs of a request whose workers died.")
+@click.option("--max-per-robot", type=click.IntRange(1), default=16,
+              help="Requests one robot may have queued or running; more are rejected (robots also take turns).")
+@click.option("--max-message-bytes", type=click.IntRange(1024), default=64 << 20,
+              help="The largest frame a client or worker may send; a larger one drops its connection.")
 @click.option("--name", default="broker", help="Node name: taps find its traffic on its ipc endpoint.")
 @click.option("--no-capture", is_flag=True, help="Do not offer the traffic to taps.")
 @click.pass_obj
-def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
+def broker(log: LogOptions, metrics_port, metrics_host, name, no_capture, **options) -> None:
     """Queue requests from robots and balance them over workers (Majordomo, RFC 7)."""
     from ..bus.endpoints import EndpointError
-    from .broker import BrokerConfig, serve
+    from ..bus.security import KeyFileError
+    from .broker import BrokerConfig, BrokerSetupError, serve
 
     log.start(name)
     try:
-        serve(BrokerConfig(capture=None if no_capture else name, **options), metrics_port)
+        serve(BrokerConfig(capture=None if no_capture else name, **options), metrics_port, metrics_host)
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot bind {options['frontend']} / {options['backend']}: {exc}") from None
     except EndpointError as exc:
         raise click.ClickException(str(exc)) from None
+    except (BrokerSetupError, KeyFileError) as exc:
+        raise PermanentError(str(exc)) from None
 
 
 @main.command()
@@ -114,15 +140,18 @@ def broker(log: LogOptions, metrics_port, name, no_capture, **options) -> None:
               help="A folder (or hub id) with π0-FAST's FAST action tokenizer, instead of the checkpoint's.")
 @click.option("--default-task", default="",
               help="The task for warm-up, and for requests that carry none (language-conditioned policies).")
+@curve_options()
 @click.pass_obj
 def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int,
            threads: int | None, dtype: str, compile_model: bool, tokenizer: str | None, action_tokenizer: str | None,
-           default_task: str) -> None:
+           default_task: str, curve_secret: str | None, peer_key: str | None) -> None:
     """Serve one policy on one device to the broker."""
+    from ..bus.worker_link import LinkFailed
     from .policies import LoadOptions, PolicyLoadError, load_policy
     from .worker import serve
 
     logger = log.start("worker")
+    keys = client_keys(curve_secret, peer_key)  # before loading: a wrong key file fails at once
     if threads is not None:
         import torch
 
@@ -135,19 +164,23 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
         raise PermanentError(str(exc)) from None
     service = service or loaded.describe().type
     logger.info("policy loaded", policy=policy, service=service, device=device)
-    serve(loaded, broker_address, service, max_batch)
+    try:
+        serve(loaded, broker_address, service, max_batch, keys)
+    except LinkFailed as exc:  # the broker refuses this worker: the same keys would be refused again
+        raise PermanentError(str(exc)) from None
 
 
 @main.command()
 @click.option("--broker", "broker_address", **CLIENT_BROKER)
 @click.option("--timeout", type=float, default=3.0, help="Seconds to wait for the broker's answer.")
+@curve_options()
 @click.pass_obj
-def status(log: LogOptions, broker_address: str, timeout: float) -> None:
+def status(log: LogOptions, broker_address: str, timeout: float, curve_secret, peer_key) -> None:
     """Show the broker's services, workers, queues and latencies."""
     from .diagnose import format_status, query_status
 
     log.start("status")
-    click.echo(format_status(query_status(broker_address, timeout)))
+    click.echo(format_status(query_status(broker_address, timeout, client_keys(curve_secret, peer_key))))
 
 
 @main.command()
@@ -155,13 +188,15 @@ def status(log: LogOptions, broker_address: str, timeout: float) -> None:
 @click.option("--service", default=None, help="The service to ping [default: the broker's only one].")
 @click.option("-n", "count", type=click.IntRange(1), default=10, help="Requests to send.")
 @click.option("--timeout", type=float, default=30.0, help="Seconds to wait for each answer.")
+@curve_options()
 @click.pass_obj
-def ping(log: LogOptions, broker_address: str, service: str | None, count: int, timeout: float) -> None:
+def ping(log: LogOptions, broker_address: str, service: str | None, count: int, timeout: float, curve_secret,
+         peer_key) -> None:
     """Send synthetic observations to a service and report latency and chunk shape."""
     from .diagnose import ping as run_ping
 
     log.start("ping")
-    run_ping(broker_address, service, count, timeout)
+    run_ping(broker_address, service, count, timeout, client_keys(curve_secret, peer_key))
 
 
 @main.command()
@@ -251,7 +286,9 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
 @main.command()
 @click.option("--broker", "broker_address", **CLIENT_BROKER)
 @click.option("--service", required=True, help="The policy service to ask for chunks.")
-@click.option("--robot-id", default="robot", help="Names this robot's requests (and their replace key).")
+@click.option("--robot-id", default=None,
+              help="Names this robot's requests (and their replace key) [default: robot; with --curve-secret, the "
+                   "key's NAME, which the broker requires].")
 @click.option("--task", default="", help="The task, for language-conditioned policies.")
 @click.option("--fps", type=click.FloatRange(min=1), default=30.0, help="Control rate (Hz).")
 @click.option("--strategy", type=click.Choice(["replace", "crossfade", "ensemble", "rtc"]), default="crossfade",
@@ -277,19 +314,23 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
 @click.option("--request-timeout", type=click.FloatRange(min=0.01), default=2.0,
               help="Seconds to wait for a chunk before asking again.")
 @click.option("--name", default="actuator", help="Node name; it publishes `command`.")
+@curve_options()
 @click.pass_obj
-def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, **options) -> None:
+def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, curve_secret, peer_key,
+             **options) -> None:
     """Run the control loop: request chunks, stitch them, command the arm every tick."""
     from .actuator import ActuatorConfig, SetupError, serve
 
     log.start(options["name"])
+    keys = client_keys(curve_secret, peer_key)
+    options["robot_id"] = options["robot_id"] or (keys.own.name if keys else "robot")
     camera_map = {}
     for value in cameras:
         name, _, feature = value.partition("=")
         camera_map[name] = feature or f"observation.images.{name}"
     try:
         serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
-                             camera_nodes=pairs(camera_node, "--camera-node"), **options))
+                             camera_nodes=pairs(camera_node, "--camera-node"), keys=keys, **options))
     except SetupError as exc:
         raise PermanentError(str(exc)) from None
 
@@ -312,6 +353,41 @@ def task(log: LogOptions, text: str, actuator_name: str) -> None:
     if isinstance(answer, ErrorReply):
         raise click.ClickException(f"the actuator refused: {answer.message}")
     click.echo(f"robot {answer.robot_id}: task {answer.task!r} from tick {answer.tick} (was {answer.previous!r})")
+
+
+@main.group()
+def keys() -> None:
+    """CURVE key pairs: for the broker, each robot and each worker (pyzmq's certificate files)."""
+
+
+@keys.command("new")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", help="Where to write the files.")
+def keys_new(name: str, directory: str) -> None:
+    """Make a key pair: NAME.key (public: copy it to the peers) and NAME.key_secret (only for this node)."""
+    from ..bus.security import KeyFileError, new_key_pair
+
+    try:
+        public, secret = new_key_pair(name, directory)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the key files in {directory}: {exc.strerror}") from None
+    click.echo(f"public key  {public}  (copy it into the broker's --allow-robots or --allow-workers folder, or, for "
+               "the broker's own, to each robot and worker)")
+    click.echo(f"secret key  {secret}  (readable by you only: it never leaves this host)")
+
+
+@keys.command("show")
+@click.argument("file", type=click.Path(dir_okay=False))
+def keys_show(file: str) -> None:
+    """Print the public key of a key file (NAME.key or NAME.key_secret)."""
+    from ..bus.security import KeyFileError, read_public_key
+
+    try:
+        click.echo(read_public_key(file).decode())
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.group()

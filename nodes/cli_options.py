@@ -69,6 +69,43 @@ CLIENT_BROKER = dict(
 )
 
 
+def curve_options(peer_key: str = "--broker-key", peer: str = "the broker"):
+    """--curve-secret and the peer's key (`peer_key`): a command that connects over CURVE."""
+    env = "CHUNKBUS_BROKER_KEY" if peer_key == "--broker-key" else None
+
+    def add(command):
+        command = click.option(
+            peer_key, "peer_key", default=None, envvar=env, show_envvar=env is not None,
+            help=f"The public key of {peer} (its NAME.key file, or the 40 characters `chunkbus keys show` prints), "
+                 "with --curve-secret.")(command)
+        return click.option(
+            "--curve-secret", type=click.Path(dir_okay=False), default=None, envvar="CHUNKBUS_CURVE_SECRET",
+            show_envvar=True,
+            help=f"This node's secret key file (NAME.key_secret, from `chunkbus keys new NAME`): talk CURVE to {peer}, "
+                 f"encrypted and authenticated (with {peer_key}).")(command)
+
+    return add
+
+
+def client_keys(curve_secret: str | None, peer_key: str | None, peer_key_option: str = "--broker-key"):
+    """The ClientKeys that --curve-secret and the peer's key give, or None for neither; a
+    PermanentError that names the fix for one without the other or a key file that fails."""
+    from ..bus.security import ClientKeys, KeyFileError, read_key_pair, read_public_key
+
+    if not curve_secret and not peer_key:
+        return None
+    if not curve_secret:
+        raise PermanentError(f"{peer_key_option} needs --curve-secret: this node's own secret key file "
+                             "(NAME.key_secret, from `chunkbus keys new NAME`)")
+    if not peer_key:
+        raise PermanentError(f"--curve-secret needs {peer_key_option}: the peer's public key (its NAME.key file, or "
+                             "`chunkbus keys show` of it)")
+    try:
+        return ClientKeys(read_key_pair(curve_secret), read_public_key(peer_key))
+    except KeyFileError as exc:
+        raise PermanentError(str(exc)) from None
+
+
 def pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     pairs = {}
     for value in values:

@@ -7,15 +7,18 @@ import time
 import click
 import numpy as np
 
-from ..bus.client import BrokerClient, BrokerUnavailable, RequestFailed, new_request_id
+from ..bus.client import BrokerClient, BrokerRefused, BrokerUnavailable, RequestFailed, new_request_id
 from ..bus.messages import Observation, ObservationRequest
 from ..bus.records import BrokerStatus, ModelDescription, ServiceStatus
+from ..bus.security import ClientKeys
 
 
-def query_status(broker: str, timeout: float) -> BrokerStatus:
-    with BrokerClient(broker, connect_timeout=timeout) as client:
+def query_status(broker: str, timeout: float, keys: ClientKeys | None = None) -> BrokerStatus:
+    with BrokerClient(broker, connect_timeout=timeout, keys=keys) as client:
         try:
             return client.status(timeout)
+        except BrokerRefused as exc:
+            raise click.ClickException(str(exc)) from None
         except (TimeoutError, BrokerUnavailable):
             raise click.ClickException(
                 f"no broker answered at {broker} within {timeout:.0f} s: is `chunkbus broker` "
@@ -104,9 +107,10 @@ def pick_service(broker: str, known: dict[str, ServiceStatus]) -> str:
     )
 
 
-def ping(broker: str, service: str | None, count: int, timeout: float) -> None:
-    """Ping `service`, or the broker's only service when `service` is None."""
-    status = query_status(broker, min(timeout, 5.0))
+def ping(broker: str, service: str | None, count: int, timeout: float, keys: ClientKeys | None = None) -> None:
+    """Ping `service`, or the broker's only service when `service` is None. With CURVE keys, the
+    requests carry the key's name as their robot id (the broker requires it)."""
+    status = query_status(broker, min(timeout, 5.0), keys)
     known = status.services
     if service is None:
         service = pick_service(broker, known)
@@ -123,9 +127,9 @@ def ping(broker: str, service: str | None, count: int, timeout: float) -> None:
     model = known[service].model
     click.echo(f"service {service}: model {describe_model(model)}, {known[service].workers} worker(s)")
     latencies, shape = [], None
-    with BrokerClient(broker) as client:
+    with BrokerClient(broker, keys=keys) as client:
         for tick in range(count):
-            request = synthetic_request(model, "ping", tick)
+            request = synthetic_request(model, keys.own.name if keys else "ping", tick)
             start = time.perf_counter()
             try:
                 chunk = client.request(service, request, timeout)

@@ -22,6 +22,7 @@ from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import get_logger
 from ..bus.messages import ActionChunk, ErrorReply, ObservationRequest
 from ..bus.schema import MessageError
+from ..bus.security import ClientKeys
 from ..bus.sockets import drain
 from ..bus.worker_link import WorkerLink
 from .policies import Policy
@@ -48,6 +49,7 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 if not pipe.poll(100, zmq.POLLIN):
+                    self.link.check()
                     continue
                 batch = list(itertools.islice(drain(pipe), self.max_batch))  # what waited: one batch
                 for ticket, reply in self.serve(batch):
@@ -106,6 +108,7 @@ class Worker:
         return [(batch[i][0], replies[i]) for i in range(len(batch))]
 
 
-def serve(policy: Policy, broker: str, service: str, max_batch: int) -> None:
-    """Run a worker in this process until SIGINT, SIGTERM or SIGHUP."""
-    run_node(Worker(policy, broker, service, max_batch))
+def serve(policy: Policy, broker: str, service: str, max_batch: int, keys: ClientKeys | None = None) -> None:
+    """Run a worker in this process until SIGINT, SIGTERM or SIGHUP; LinkFailed when the broker
+    refuses it."""
+    run_node(Worker(policy, broker, service, max_batch, keys=keys))

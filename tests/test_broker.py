@@ -18,9 +18,9 @@ from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationReques
 from chunkbus.bus.client import BrokerClient, RequestFailed
 
 
-def request(request_id: str, tick: int = 0, priority: int = 0, ttl=None, key=None) -> ObservationRequest:
+def request(request_id: str, tick: int = 0, priority: int = 0, ttl=None, key=None, robot="robot") -> ObservationRequest:
     return ObservationRequest(
-        robot_id="robot",
+        robot_id=robot,
         request_id=request_id,
         tick=tick,
         fps=30.0,
@@ -214,8 +214,8 @@ def test_sigkilled_worker_every_request_answered_exactly_once(broker, client, pr
     ]
     wait_for(lambda: registered(client, "svc", 2), what="two workers")
     ids = [f"r{i}" for i in range(30)]
-    for i, rid in enumerate(ids):
-        client.send("svc", request(rid, ttl=4.0 if i % 2 else None))
+    for i, rid in enumerate(ids):  # from ten robots: within each one's bound (--max-per-robot)
+        client.send("svc", request(rid, ttl=4.0 if i % 2 else None, robot=f"robot{i % 10}"))
     time.sleep(0.5)
     kill(victims[0])  # with requests in flight
     got = answers(client, len(ids), timeout=20)

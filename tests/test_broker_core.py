@@ -3,6 +3,8 @@ every call takes the time, and what the broker would send is returned as data.""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -24,10 +26,11 @@ def scheduler(**config) -> Scheduler:
     return Scheduler(SchedulerConfig(**config))
 
 
-def ask(core: Scheduler, rid: str, now: float, service="svc", priority=0, ttl=None, key=None) -> list:
-    """A request whose client, body and request id are all `rid`."""
-    options = RequestOptions(priority=priority, ttl=ttl, replace_key=key, request_id=rid, robot_id="robot")
-    return core.request(rid.encode(), service, [rid.encode()], options, now)
+def ask(core: Scheduler, rid: str, now: float, service="svc", priority=0, ttl=None, key=None, robot="robot",
+        identity="") -> list:
+    """A request whose client, body and request id are all `rid`; `identity`: its key's (CURVE)."""
+    options = RequestOptions(priority=priority, ttl=ttl, replace_key=key, request_id=rid, robot_id=robot)
+    return core.request(rid.encode(), service, [rid.encode()], options, now, identity)
 
 
 def join(core: Scheduler, name: str, now: float, capacity: int = 1, service: str = "svc") -> list:
@@ -68,6 +71,69 @@ def test_priority_first_then_fifo_within_a_priority():
     for i in range(5):
         order += [rid for _, rid in dispatched(finish(core, "w", 10.0 + i))]
     assert order == ["f9", "c5", "e5", "b0", "d0"]
+
+
+def test_robots_take_turns_so_a_flood_delays_another_robot_by_the_running_work_only():
+    core = scheduler()
+    out = join(core, "w", 0.0)
+    for i in range(8):  # robot "flood" sends eight at once; the first runs
+        out += ask(core, f"flood{i}", 1.0 + i / 100, robot="flood")
+    out += ask(core, "calm", 2.0, robot="calm")  # after all of them
+    assert dispatched(out) == [("w", "flood0")]
+    assert dispatched(finish(core, "w", 3.0)) == [("w", "calm")]  # next, ahead of flood1..7
+    order = [rid for i in range(7) for _, rid in dispatched(finish(core, "w", 4.0 + i))]
+    assert order == [f"flood{i}" for i in range(1, 8)]  # a robot's own stay in order
+
+
+def test_a_robots_own_requests_stay_in_order_as_its_earlier_ones_finish():
+    core = scheduler()
+    out = join(core, "w", 0.0)
+    for i in range(4):
+        out += ask(core, f"a{i}", 1.0 + i / 10, robot="a")
+    finish(core, "w", 2.0)  # a0 done, a1 runs
+    out = finish(core, "w", 2.1)  # a1 done, a2 runs
+    out += ask(core, "a4", 2.2, robot="a") + ask(core, "b0", 2.3, robot="b")
+    order = [rid for _, rid in dispatched(out)]
+    order += [rid for i in range(3) for _, rid in dispatched(finish(core, "w", 3.0 + i))]
+    assert order == ["a2", "b0", "a3", "a4"]
+
+
+def test_priority_still_goes_before_turns():
+    core = scheduler()
+    out = join(core, "w", 0.0) + ask(core, "a0", 1.0, robot="a") + ask(core, "a1", 1.1, robot="a", priority=5)
+    out += ask(core, "b0", 1.2, robot="b")
+    assert [rid for i in range(2) for _, rid in dispatched(finish(core, "w", 2.0 + i))] == ["a1", "b0"]
+
+
+def test_a_robot_holds_at_most_max_per_robot_requests_and_others_are_not_refused():
+    core = scheduler(max_per_robot=3)
+    out = join(core, "w", 0.0)
+    for i in range(5):
+        out += ask(core, f"a{i}", 1.0, robot="a")
+    out += ask(core, "b0", 1.0, robot="b")
+    outcomes = answered(out)
+    assert outcomes == {"a3": "rejected", "a4": "rejected"}
+    assert "max-per-robot" in answer_of(out, "a3").why
+    finish(core, "w", 2.0)  # a0 done: robot a may send one more
+    assert answered(ask(core, "a5", 2.1, robot="a")) == {}
+
+
+def test_the_bound_and_the_replace_keys_follow_the_key_identity_not_the_claimed_robot_id():
+    core = scheduler(max_per_robot=2)
+    join(core, "w", 0.0)
+    out = ask(core, "x0", 1.0, robot="x", identity="lab") + ask(core, "y0", 1.0, robot="y", identity="lab")
+    assert answered(ask(core, "z0", 1.0, robot="z", identity="lab")) == {"z0": "rejected"}
+    assert dispatched(out) == [("w", "x0")]
+
+
+def test_replace_keys_are_scoped_per_robot():
+    core = scheduler()
+    out = join(core, "w", 0.0) + ask(core, "busy", 1.0, robot="c")
+    out += ask(core, "a-old", 2.0, key="k", robot="a")
+    out += ask(core, "b-new", 3.0, key="k", robot="b")  # the same key, another robot: no effect on a's
+    assert answered(out) == {}
+    out = ask(core, "a-new", 4.0, key="k", robot="a")
+    assert answered(out) == {"a-old": "superseded"}
 
 
 def test_a_request_is_accepted_then_dispatched_and_its_reply_forwarded_as_it_came():
@@ -355,9 +421,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         for worker in core.workers.values():
             assert len(worker.running) <= worker.info.capacity
         for service in core.services.values():
-            queued = {id(r) for _, _, r in service.queue if r.state is State.QUEUED}
+            queued = {id(r): r for *_, r in service.queue if r.state is State.QUEUED}
             assert service.queued == len(queued)
             assert all(r.state is State.QUEUED for r in service.by_key.values())
+        # Each robot's bound counts exactly its requests queued or running.
+        queued = {id(r): r for s in core.services.values() for *_, r in s.queue if r.state is State.QUEUED}
+        held = Counter(r.robot for r in queued.values())
+        held.update(r.robot for r in core.running.values())
+        assert core.held == dict(held)
 
     def teardown(self):
         self.apply(self.core.shutdown())
