@@ -5,6 +5,11 @@ send high-water mark), which is what a control loop wants. A Subscriber keeps th
 newest message of each topic, received in a background thread with a small receive
 high-water mark; it drains everything waiting and decodes only the newest of each
 topic (ZMQ_CONFLATE would do this, but does not work with multipart messages).
+
+Over TCP to another host, both can use CURVE (bus/security.py): a publisher given
+ServerKeys takes only the subscribers whose keys are in its allow-list on its TCP
+endpoints (its ipc endpoint stays plain: ZeroMQ reads the security options at each bind),
+and a subscriber given ClientKeys uses them for its TCP endpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .endpoints import CONTROL_SUFFIX, claim, publisher_endpoint, resolve
 from .log import Every, get_logger
 from .messages import ErrorReply, Message
 from .schema import MessageError
+from .security import AllowList, ClientKeys, Handshakes, KeyPair, ZapHandler, make_server
 
 POLL_MS = 50  # how often a background thread checks that it should stop
 
@@ -34,8 +40,22 @@ def drain(socket: zmq.Socket) -> Iterator[list[zmq.Frame]]:
             return
 
 
+@dataclass(frozen=True)
+class ServerKeys:
+    """A publisher's CURVE keys for its TCP endpoints: its own pair and who may subscribe."""
+
+    own: KeyPair
+    allowed: AllowList
+
+
+def _tcp_last(endpoints: Sequence[str]) -> list[str]:
+    """Plain endpoints first: the TCP ones, bound or connected last, get the CURVE options."""
+    return sorted(endpoints, key=lambda e: e.startswith("tcp://"))
+
+
 class Publisher:
-    """Publishes messages on node `node`'s ipc endpoint and on any extra `bind` endpoints.
+    """Publishes messages on node `node`'s ipc endpoint and on any extra `bind` endpoints
+    (with `keys`, its TCP endpoints take only CURVE subscribers that its allow-list holds).
 
     A published array is sent from its own memory, without a copy: do not modify it
     after publishing it.
@@ -49,6 +69,7 @@ class Publisher:
         ipc: bool = True,
         context: zmq.Context | None = None,
         sndhwm: int = 16,
+        keys: ServerKeys | None = None,
     ):
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.PUB)
@@ -56,8 +77,11 @@ class Publisher:
         self.socket.setsockopt(zmq.LINGER, 100)
         self.endpoints: list[str] = []
         try:
-            for endpoint in ([publisher_endpoint(node)] if ipc else []) + list(bind):
+            for endpoint in _tcp_last(([publisher_endpoint(node)] if ipc else []) + list(bind)):
                 claim(endpoint)
+                if keys is not None and endpoint.startswith("tcp://") and not self.socket.curve_server:
+                    domain = ZapHandler.of(self.context).add_domain("subscribers", keys.allowed)
+                    make_server(self.socket, keys.own, domain)
                 self.socket.bind(endpoint)
                 # A wildcard port (tcp://127.0.0.1:*) resolves to the one bound.
                 self.endpoints.append(self.socket.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -111,8 +135,11 @@ class Subscriber:
         rcvhwm: int = 4,
         on_message: Callable[[Received], None] | None = None,
         max_bytes: int = MAX_MESSAGE_BYTES,
+        keys: ClientKeys | None = None,
     ):
         self.endpoints = [resolve(e) for e in endpoints]
+        self.keys = keys
+        self.problem: str | None = None  # why a CURVE handshake with a publisher failed
         self.topics = list(topics)
         self.received = 0
         self.rejected = 0
@@ -176,7 +203,12 @@ class Subscriber:
             socket.setsockopt(zmq.LINGER, 0)
             for topic in self.topics:
                 socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-            for endpoint in self.endpoints:
+            handshakes = None
+            for endpoint in _tcp_last(self.endpoints):
+                if self.keys is not None and endpoint.startswith("tcp://") and handshakes is None:
+                    self.keys.apply(socket)
+                    handshakes = Handshakes(socket, "the publisher", curve=True, key_option="--publisher-key",
+                                            allow_option="the publisher's --allow-subscribers")
                 socket.connect(endpoint)
         except Exception as exc:
             self._error = exc
@@ -187,8 +219,19 @@ class Subscriber:
             while not self._stop.is_set():
                 if socket.poll(POLL_MS, zmq.POLLIN):
                     self._drain(socket)
+                if handshakes is not None:
+                    self._check(handshakes)
         finally:
+            if handshakes is not None:
+                handshakes.close()
             socket.close(linger=0)
+
+    def _check(self, handshakes: Handshakes) -> None:
+        problem = handshakes.read()[1]
+        if problem is not None and problem != self.problem:  # said once, not at each retry
+            self._log.error("cannot subscribe", why=problem, endpoints=[e for e in self.endpoints
+                                                                          if e.startswith("tcp://")])
+        self.problem = problem
 
     def _drain(self, socket: zmq.Socket) -> None:
         newest: dict[bytes, tuple[list[zmq.Frame], float]] = {}

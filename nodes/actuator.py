@@ -75,6 +75,7 @@ class ActuatorConfig:
     request_timeout: float = 2.0
     name: str = "actuator"
     keys: ClientKeys | None = None  # CURVE: this robot's key pair and the broker's public key
+    input_keys: ClientKeys | None = None  # CURVE to the camera and arm endpoints on tcp://, with the publishers' key
 
 
 # The once-a-second log line, in this order (the README explains each); the published
@@ -113,7 +114,7 @@ class Actuator:
         self.delays = stitching.DelayEstimate(config.fps)  # rtc: the ticks after which a reply is merged
         sources = [config.arm] + [config.camera_nodes.get(c, camera_node(c)) for c in config.cameras]
         topics = [STATE] + [camera_topic(c) for c in config.cameras]
-        self.inputs = Subscriber(sources, topics)
+        self.inputs = Subscriber(sources, topics, keys=config.input_keys)
         # What each input is, for the warning when it falls silent.
         self.input_names = {topic: f"{'state from the arm' if topic == STATE else f'frames from {topic}'} at {where}"
                             for topic, where in zip(topics, self.inputs.endpoints)}
@@ -190,6 +191,8 @@ class Actuator:
         while not self.stop_event.wait(0.05):
             now = time.monotonic()
             self.control.serve_waiting(self.on_control)
+            if self.inputs.problem is not None:  # a publisher on another host refuses this node's key
+                raise SetupError(f"cannot receive the camera and arm inputs: {self.inputs.problem}")
             if self.model is None and now >= next_ask:  # twice a second: waiting must not flood the broker
                 self.model, problem = ask_model(self.client, self.config.service)
                 next_ask = now + 0.5

@@ -21,7 +21,7 @@ from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import get_logger
 from ..bus.messages import CameraFrame
 from ..bus.schema import JpegImage
-from ..bus.sockets import Publisher
+from ..bus.sockets import Publisher, ServerKeys
 from ..bus.ticker import Ticker
 
 
@@ -166,13 +166,14 @@ def open_source(source: str, width: int | None, height: int | None, fps: float, 
 
 
 class CameraNode:
-    def __init__(self, name: str, opener, fps: float, encoding: str, jpeg_quality: int, node: str, bind=()):
+    def __init__(self, name: str, opener, fps: float, encoding: str, jpeg_quality: int, node: str, bind=(),
+                 keys: ServerKeys | None = None):
         self.name, self.opener, self.fps = name, opener, fps
         self.encoding, self.jpeg_quality = encoding, jpeg_quality
         self.topic = camera_topic(name)
         self.log = get_logger()
         self.source = opener()  # a source that cannot be opened fails the node at once
-        self.publisher = Publisher(node, bind)
+        self.publisher = Publisher(node, bind, keys=keys)
         self.stop_event = threading.Event()
         self.failures = 0
 

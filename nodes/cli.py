@@ -20,6 +20,8 @@ from .cli_options import (
     client_keys,
     curve_options,
     pairs,
+    server_keys,
+    server_options,
 )
 from .policies import DTYPES
 
@@ -212,16 +214,20 @@ def ping(log: LogOptions, broker_address: str, service: str | None, count: int, 
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, help="JPEG quality (with --encoding jpeg).")
 @click.option("--node", "node_name", default=None, help="Node name [default: camera_NAME].")
 @click.option("--bind", multiple=True, help="Also publish on this endpoint, e.g. tcp://*:6001 (repeatable).")
+@server_options
 @click.pass_obj
-def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, jpeg_quality, node_name, bind) -> None:
+def camera(log: LogOptions, name, source, fps, width, height, fourcc, encoding, jpeg_quality, node_name, bind,
+           curve_secret, allow_subscribers) -> None:
     """Publish one camera's frames at a fixed rate."""
     from .camera import CameraError, CameraNode, open_source, serve
 
     node_name = node_name or camera_node(name)
     log.start(node_name)
+    keys = server_keys(curve_secret, allow_subscribers)
     try:
         node = CameraNode(
-            name, lambda: open_source(source, width, height, fps, fourcc), fps, encoding, jpeg_quality, node_name, bind
+            name, lambda: open_source(source, width, height, fps, fourcc), fps, encoding, jpeg_quality, node_name, bind,
+            keys,
         )
     except CameraError as exc:
         raise click.ClickException(str(exc)) from None
@@ -315,14 +321,19 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
               help="Seconds to wait for a chunk before asking again.")
 @click.option("--name", default="actuator", help="Node name; it publishes `command`.")
 @curve_options()
+@click.option("--publisher-key", default=None,
+              help="The public key of the publishers on another host that --camera-node or --arm name by tcp:// "
+                   "(their --curve-secret's NAME.key, or its 40 characters): they are reached over CURVE with "
+                   "this node's --curve-secret.")
 @click.pass_obj
-def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, curve_secret, peer_key,
+def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, curve_secret, peer_key, publisher_key,
              **options) -> None:
     """Run the control loop: request chunks, stitch them, command the arm every tick."""
     from .actuator import ActuatorConfig, SetupError, serve
 
     log.start(options["name"])
     keys = client_keys(curve_secret, peer_key)
+    input_keys = client_keys(curve_secret, publisher_key, "--publisher-key", pair_required=False)
     options["robot_id"] = options["robot_id"] or (keys.own.name if keys else "robot")
     camera_map = {}
     for value in cameras:
@@ -330,7 +341,8 @@ def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, cu
         camera_map[name] = feature or f"observation.images.{name}"
     try:
         serve(ActuatorConfig(broker=broker_address, cameras=camera_map, arm=arm_node,
-                             camera_nodes=pairs(camera_node, "--camera-node"), keys=keys, **options))
+                             camera_nodes=pairs(camera_node, "--camera-node"), keys=keys, input_keys=input_keys,
+                             **options))
     except SetupError as exc:
         raise PermanentError(str(exc)) from None
 
@@ -409,6 +421,11 @@ _connect = click.option("--connect", multiple=True,
 _topic = click.option("--topic", "topics", multiple=True,
                       help="Only topics matching this pattern, e.g. 'camera/*' (repeatable).")
 _duration = click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
+_connect_keys = curve_options("--publisher-key", "the publishers of --connect tcp:// endpoints")
+
+
+def _listen_keys(curve_secret, peer_key):
+    return client_keys(curve_secret, peer_key, "--publisher-key", pair_required=False)
 
 
 @tap.command("record")
@@ -416,13 +433,15 @@ _duration = click.option("--duration", type=click.FloatRange(min=0), default=Non
 @_connect
 @_topic
 @_duration
+@_connect_keys
 @click.pass_obj
-def tap_record(log: LogOptions, output, connect, topics, duration) -> None:
+def tap_record(log: LogOptions, output, connect, topics, duration, curve_secret, peer_key) -> None:
     """Record every publisher on this host (and --connect ones) into OUTPUT.mcap, zstd-compressed."""
     from .tap import record, summary_text
 
     log.start("tap")
-    recording = _tap_errors(record, output, list(connect), list(topics), duration)
+    keys = _listen_keys(curve_secret, peer_key)
+    recording = _tap_errors(record, output, list(connect), list(topics), duration, keys)
     click.echo(summary_text(recording))
 
 
@@ -430,26 +449,28 @@ def tap_record(log: LogOptions, output, connect, topics, duration) -> None:
 @_connect
 @_topic
 @_duration
+@_connect_keys
 @click.pass_obj
-def tap_echo(log: LogOptions, connect, topics, duration) -> None:
+def tap_echo(log: LogOptions, connect, topics, duration, curve_secret, peer_key) -> None:
     """Print messages as they pass, decoded (arrays summarised)."""
     from .tap import echo
 
     log.start("tap")
-    _tap_errors(echo, list(connect), list(topics), duration)
+    _tap_errors(echo, list(connect), list(topics), duration, _listen_keys(curve_secret, peer_key))
 
 
 @tap.command("stats")
 @_connect
 @_topic
 @_duration
+@_connect_keys
 @click.pass_obj
-def tap_stats(log: LogOptions, connect, topics, duration) -> None:
+def tap_stats(log: LogOptions, connect, topics, duration, curve_secret, peer_key) -> None:
     """Rate, bandwidth and message size per topic, live."""
     from .tap import stats
 
     log.start("tap")
-    _tap_errors(stats, list(connect), list(topics), duration)
+    _tap_errors(stats, list(connect), list(topics), duration, 2.0, _listen_keys(curve_secret, peer_key))
 
 
 @tap.command("replay")
@@ -458,13 +479,15 @@ def tap_stats(log: LogOptions, connect, topics, duration) -> None:
 @_topic
 @click.option("--node", default="replay", help="Publish as this node.")
 @click.option("--bind", multiple=True, help="Also publish on this endpoint, e.g. tcp://*:6001 (repeatable).")
+@server_options
 @click.pass_obj
-def tap_replay(log: LogOptions, recording, rate, topics, node, bind) -> None:
+def tap_replay(log: LogOptions, recording, rate, topics, node, bind, curve_secret, allow_subscribers) -> None:
     """Republish a recording's messages with their original timing."""
     from .tap import replay
 
     logger = log.start("tap")
-    count = _tap_errors(replay, recording, rate, list(topics), node, list(bind))
+    keys = server_keys(curve_secret, allow_subscribers)
+    count = _tap_errors(replay, recording, rate, list(topics), node, list(bind), keys)
     logger.info("replay finished", messages=count)
 
 

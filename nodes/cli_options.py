@@ -87,12 +87,15 @@ def curve_options(peer_key: str = "--broker-key", peer: str = "the broker"):
     return add
 
 
-def client_keys(curve_secret: str | None, peer_key: str | None, peer_key_option: str = "--broker-key"):
+def client_keys(curve_secret: str | None, peer_key: str | None, peer_key_option: str = "--broker-key",
+                pair_required: bool = True):
     """The ClientKeys that --curve-secret and the peer's key give, or None for neither; a
-    PermanentError that names the fix for one without the other or a key file that fails."""
+    PermanentError that names the fix for one without the other or a key file that fails.
+    pair_required=False: a secret without the peer's key means plain connections (the secret
+    may come from CHUNKBUS_CURVE_SECRET, meant for the broker)."""
     from ..bus.security import ClientKeys, KeyFileError, read_key_pair, read_public_key
 
-    if not curve_secret and not peer_key:
+    if not peer_key and (not curve_secret or not pair_required):
         return None
     if not curve_secret:
         raise PermanentError(f"{peer_key_option} needs --curve-secret: this node's own secret key file "
@@ -102,6 +105,34 @@ def client_keys(curve_secret: str | None, peer_key: str | None, peer_key_option:
                              "`chunkbus keys show` of it)")
     try:
         return ClientKeys(read_key_pair(curve_secret), read_public_key(peer_key))
+    except KeyFileError as exc:
+        raise PermanentError(str(exc)) from None
+
+
+def server_options(command):
+    """--curve-secret and --allow-subscribers: a publisher whose TCP endpoints (--bind) use CURVE."""
+    command = click.option(
+        "--allow-subscribers", type=click.Path(file_okay=False), default=None,
+        help="With --curve-secret: the folder of the public keys (NAME.key) that may subscribe on the --bind TCP "
+             "endpoints.")(command)
+    return click.option(
+        "--curve-secret", type=click.Path(dir_okay=False), default=None,
+        help="This publisher's secret key file (NAME.key_secret): its --bind TCP endpoints take only CURVE "
+             "subscribers whose keys --allow-subscribers holds (its ipc endpoint stays as it is).")(command)
+
+
+def server_keys(curve_secret: str | None, allow_subscribers: str | None):
+    """The publisher's ServerKeys, or None for neither option; PermanentError naming the fix."""
+    from ..bus.security import AllowList, KeyFileError, read_key_pair
+    from ..bus.sockets import ServerKeys
+
+    if not curve_secret and not allow_subscribers:
+        return None
+    if not (curve_secret and allow_subscribers):
+        raise PermanentError("--curve-secret and --allow-subscribers go together: this publisher's secret key file "
+                             "and the folder of the keys that may subscribe")
+    try:
+        return ServerKeys(read_key_pair(curve_secret), AllowList(allow_subscribers, "--allow-subscribers"))
     except KeyFileError as exc:
         raise PermanentError(str(exc)) from None
 

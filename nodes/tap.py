@@ -31,7 +31,8 @@ from ..bus.endpoints import list_publishers, resolve, runtime_dir
 from ..bus.lifecycle import stop_event
 from ..bus.log import get_logger
 from ..bus.schema import JpegImage, MessageError
-from ..bus.sockets import Publisher, drain
+from ..bus.security import ClientKeys, Handshakes
+from ..bus.sockets import Publisher, ServerKeys, drain
 
 FRAMES_ENCODING = "chunkbus-frames-msgpack"
 PROFILE = "chunkbus"
@@ -63,14 +64,22 @@ def matches(topic: str, patterns: list[str]) -> bool:
 
 
 class Listener:
-    """A SUB socket on every publisher of this host (found again each second) and `extra` endpoints."""
+    """A SUB socket on every publisher of this host (found again each second) and `extra` endpoints;
+    with `keys`, a second one for the TCP endpoints among them, over CURVE."""
 
     def __init__(self, extra: list[str], own: str | None = None, rcvhwm: int = 100_000,
-                 wait: float = PUBLISHER_WAIT_S):
-        self.socket = zmq.Context.instance().socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+                 wait: float = PUBLISHER_WAIT_S, keys: ClientKeys | None = None):
+        self.socket = self._subscriber(rcvhwm)
+        self.secure = self.handshakes = None
+        if keys is not None and any(e.startswith("tcp://") for e in extra):
+            self.secure = self._subscriber(rcvhwm)
+            keys.apply(self.secure)
+            self.handshakes = Handshakes(self.secure, "the publisher", curve=True, key_option="--publisher-key",
+                                         allow_option="the publisher's --allow-subscribers")
+        self.poller = zmq.Poller()
+        for socket in (self.socket, self.secure):
+            if socket is not None:
+                self.poller.register(socket, zmq.POLLIN)
         self.own = own
         self.connected: set[str] = set()
         try:
@@ -103,11 +112,20 @@ class Listener:
             found = f"no publishers found in {where} within {wait:g} s"
         return f"{found} and no --connect endpoint given: is a node running on this host?"
 
+    @staticmethod
+    def _subscriber(rcvhwm: int) -> zmq.Socket:
+        socket = zmq.Context.instance().socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        return socket
+
     def connect(self, endpoint: str) -> None:
         if endpoint not in self.connected:
-            self.socket.connect(endpoint)
+            secure = self.secure is not None and endpoint.startswith("tcp://")
+            (self.secure if secure else self.socket).connect(endpoint)
             self.connected.add(endpoint)
-            get_logger().info("listening", endpoint=endpoint)
+            get_logger().info("listening", endpoint=endpoint, curve=secure)
 
     def discover(self) -> None:
         for info in list_publishers():
@@ -118,15 +136,21 @@ class Listener:
         """Yield (topic, frames, receive time ns) until `stop` or the monotonic time `until`."""
         next_scan = time.monotonic() + 1.0
         while not stop.is_set() and (until is None or time.monotonic() < until):
-            if self.socket.poll(100):
-                for frames in drain(self.socket):
+            for socket in dict(self.poller.poll(100)):
+                for frames in drain(socket):
                     yield frames[0].bytes.decode("utf-8", "replace"), frames[1:], time.time_ns()
+            if self.handshakes is not None and (problem := self.handshakes.read()[1]) is not None:
+                raise TapError(f"cannot listen to the --connect endpoints: {problem}")
             if time.monotonic() >= next_scan:
                 next_scan += 1.0
                 self.discover()
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        if self.handshakes is not None:
+            self.handshakes.close()
+        for socket in (self.socket, self.secure):
+            if socket is not None:
+                socket.close(linger=0)
 
 
 @dataclass
@@ -161,13 +185,14 @@ def recording_path(path: str) -> str:
     return path if path.lower().endswith(".mcap") else path + ".mcap"
 
 
-def record(path: str, connect: list[str], topics: list[str], duration: float | None) -> Recording:
+def record(path: str, connect: list[str], topics: list[str], duration: float | None,
+           keys: ClientKeys | None = None) -> Recording:
     """Record into `path` (".mcap" added when it lacks it) until `duration` or a signal."""
     from mcap.writer import CompressionType, Writer
 
     log = get_logger()
     stop = stop_event()
-    listener = Listener(connect)  # first: a tap that finds nothing to record leaves no file
+    listener = Listener(connect, keys=keys)  # first: a tap that finds nothing to record leaves no file
     if recording_path(path) != path:
         path = recording_path(path)
         print(f"recording into {path}: MCAP recordings end in .mcap", file=sys.stderr, flush=True)
@@ -308,14 +333,15 @@ def format_info(summary: dict) -> str:
 # --- replay ---------------------------------------------------------------------------------------------
 
 
-def replay(path: str, rate: float, topics: list[str], node: str, bind: list[str]) -> int:
+def replay(path: str, rate: float, topics: list[str], node: str, bind: list[str],
+           keys: ServerKeys | None = None) -> int:
     """Republish the recording's messages with their original timing, scaled by 1/rate."""
     stop = stop_event()
     messages = list(read_recording(path, topics))
     if topics and not messages:
         raise TapError(f"no messages on {', '.join(topics)} in {path!r}")
     count = 0
-    with Publisher(node, bind, sndhwm=10_000) as publisher:
+    with Publisher(node, bind, sndhwm=10_000, keys=keys) as publisher:
         time.sleep(0.5)  # let subscribers connect before the first message
         start, origin = time.monotonic(), messages[0][1] if messages else 0
         for topic, log_time, frames in messages:
@@ -345,9 +371,9 @@ def describe(value) -> str:
     return repr(value)
 
 
-def echo(connect: list[str], topics: list[str], duration: float | None) -> None:
+def echo(connect: list[str], topics: list[str], duration: float | None, keys: ClientKeys | None = None) -> None:
     stop = stop_event()
-    listener = Listener(connect)
+    listener = Listener(connect, keys=keys)
     until = time.monotonic() + duration if duration else None
     try:
         for topic, frames, _ in listener.messages(stop, until):
@@ -364,9 +390,10 @@ def echo(connect: list[str], topics: list[str], duration: float | None) -> None:
         listener.close()
 
 
-def stats(connect: list[str], topics: list[str], duration: float | None, window: float = 2.0) -> None:
+def stats(connect: list[str], topics: list[str], duration: float | None, window: float = 2.0,
+          keys: ClientKeys | None = None) -> None:
     stop = stop_event()
-    listener = Listener(connect)
+    listener = Listener(connect, keys=keys)
     until = time.monotonic() + duration if duration else None
     samples: dict[str, list[tuple[float, int]]] = defaultdict(list)
     next_print = time.monotonic() + 1.0

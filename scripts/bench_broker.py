@@ -85,10 +85,10 @@ class Cluster:
         self.processes.append(process)
         return process
 
-    def broker(self) -> tuple[str, str]:
+    def broker(self, *options: str) -> tuple[str, str]:
         # One client stands in for many robots here: no per-robot bound.
         ready = self.node("broker", "--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                          "--max-queue", "1000", "--max-per-robot", "1000")
+                          "--max-queue", "1000", "--max-per-robot", "1000", *options)
         return ready["frontend"], ready["backend"]
 
     def worker(self, backend: str, policy: str, service: str) -> None:

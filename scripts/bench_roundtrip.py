@@ -31,10 +31,16 @@ turn for a chunk without a prefix and for one guided by a 15-row prefix with a d
 same requests otherwise; the worker's own inference seconds (from the reply's timings) and the
 round trips, p50 and p99 of each, and the extra per chunk.
 
+And the cost of encryption (curve case, chunkbus only: LeRobot's server has no security): two
+brokers with the trivial worker, one plaintext and one with CURVE on both ports (keys made by
+chunkbus's own key code, as `chunkbus keys new` makes them), asked in turn with the same
+two-camera observation; p50 and p99 of each and the extra.
+
 The last line is JSON: {"overhead": {"chunkbus": {"p50_ms", "p99_ms"}, "lerobot": {...},
 "ratio_p50", "ratio_p99"}, "act": {...}, "jpeg": {"p50_ms", "p99_ms"},
 "four_clients": {"chunkbus_rps", "lerobot_rps"}, "rtc": {"unguided": {"p50_ms", "p99_ms",
-"inference_p50_ms"}, "guided": {...}, "extra_inference_p50_ms", "extra_round_trip_p50_ms"}}
+"inference_p50_ms"}, "guided": {...}, "extra_inference_p50_ms", "extra_round_trip_p50_ms"},
+"curve": {"plain": {"p50_ms", "p99_ms"}, "curve": {...}, "extra_p50_ms", "extra_p99_ms"}}
 (ratio = LeRobot / chunkbus).
 """
 
@@ -126,12 +132,59 @@ def chunkbus_throughput(frontend: str, clients: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
-def start_chunkbus(cluster, checkpoint: Path, trivial: bool) -> str:
-    """A broker and a bench worker; returns the broker's frontend."""
-    frontend, backend = cluster.broker()
+def start_chunkbus(cluster, checkpoint: Path, trivial: bool, keys: Path | None = None) -> str:
+    """A broker and a bench worker (with CURVE when `keys`, a folder from make_keys); returns
+    the broker's frontend."""
+    secured = [] if keys is None else ["--curve-secret", str(keys / "broker.key_secret"), "--no-capture",
+                                       "--allow-robots", str(keys / "robots"), "--allow-workers", str(keys / "workers")]
+    frontend, backend = cluster.broker(*secured)
     args = [sys.executable, str(Path(__file__).parent / "chunkbus_bench_worker.py"), backend, str(checkpoint)]
+    if keys is not None:
+        args += ["--curve-secret", str(keys / "worker.key_secret"), "--broker-key", str(keys / "broker.key")]
     cluster.start(*args, *(["--trivial"] if trivial else [])).wait_ready(timeout=600)
     return frontend
+
+
+def make_keys(folder: Path) -> Path:
+    """Key pairs for a broker, the robot `bench` and a worker, and the broker's allow-lists."""
+    from chunkbus.bus.security import new_key_pair
+
+    for name, allowed in (("broker", None), ("bench", "robots"), ("worker", "workers")):
+        public, _ = new_key_pair(name, folder)
+        if allowed:
+            (folder / allowed).mkdir(exist_ok=True)
+            (folder / allowed / public.name).write_bytes(public.read_bytes())
+    return folder
+
+
+def curve_cost(checkpoint: Path, count: int) -> dict:
+    """The trivial worker behind a plaintext broker and behind a CURVE one, asked in turn."""
+    from bench_broker import Cluster
+
+    from chunkbus.bus.client import BrokerClient
+    from chunkbus.bus.security import ClientKeys, read_key_pair, read_public_key
+
+    keys = make_keys(Path(tempfile.mkdtemp(prefix="cb-keys-")))
+    cluster = Cluster()
+    try:
+        plain_frontend = start_chunkbus(cluster, checkpoint, trivial=True)
+        curve_frontend = start_chunkbus(cluster, checkpoint, trivial=True, keys=keys)
+        client_keys = ClientKeys(read_key_pair(keys / "bench.key_secret"), read_public_key(str(keys / "broker.key")))
+        with BrokerClient(plain_frontend) as plain, BrokerClient(curve_frontend, keys=client_keys) as curve:
+            trips: dict[str, list[float]] = {"plain": [], "curve": []}
+            for i in range(count + 3):
+                order = (("plain", plain), ("curve", curve)) if i % 2 else (("curve", curve), ("plain", plain))
+                for kind, client in order:
+                    start = time.perf_counter()
+                    client.request("bench", observation(f"curve-{kind}-{i}", seed=i % 4), timeout=120)
+                    if i >= 3:  # warm-up
+                        trips[kind].append(time.perf_counter() - start)
+    finally:
+        cluster.stop()
+    result = {kind: percentiles(values) for kind, values in trips.items()}
+    for stat in ("p50", "p99"):
+        result[f"extra_{stat}_ms"] = round(result["curve"][f"{stat}_ms"] - result["plain"][f"{stat}_ms"], 3)
+    return result
 
 
 def guidance_cost(count: int) -> dict:
@@ -258,6 +311,10 @@ def main() -> None:
     print(f"rtc (flow:sine, 50x6, 10 steps): inference p50 {rtc['unguided']['inference_p50_ms']:.2f} ms unguided, "
           f"{rtc['guided']['inference_p50_ms']:.2f} ms guided (+{rtc['extra_inference_p50_ms']:.2f} ms); round trip "
           f"p50 +{rtc['extra_round_trip_p50_ms']:.2f} ms", flush=True)
+    curve = results["curve"] = curve_cost(checkpoint, args.count)
+    print(f"curve (overhead case): round trip p50 {curve['plain']['p50_ms']:.2f} ms plaintext, "
+          f"{curve['curve']['p50_ms']:.2f} ms CURVE (+{curve['extra_p50_ms']:.2f}); p99 {curve['plain']['p99_ms']:.2f} "
+          f"vs {curve['curve']['p99_ms']:.2f} ms (+{curve['extra_p99_ms']:.2f})", flush=True)
     if args.plot:
         plot(args.plot, samples)
     print(json.dumps(results))

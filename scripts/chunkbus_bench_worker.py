@@ -4,7 +4,7 @@ function returning zeros of the chunk's shape (the same replacement the LeRobot 
 so that what is left is each framework's own overhead: decoding, preprocessing, the
 post-processor, encoding and transport.
 
-    python scripts/chunkbus_bench_worker.py BACKEND CHECKPOINT [--trivial]
+    python scripts/chunkbus_bench_worker.py BACKEND CHECKPOINT [--trivial] [--curve-secret F --broker-key K]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import torch
 
 from chunkbus.bus.log import configure_logging
+from chunkbus.bus.security import ClientKeys, read_key_pair, read_public_key
 from chunkbus.nodes.policies.lerobot import LerobotPolicy
 from chunkbus.nodes.worker import serve
 
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--trivial", action="store_true")
     parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--curve-secret", default=None, help="this worker's secret key file (CURVE)")
+    parser.add_argument("--broker-key", default=None, help="the broker's public key (CURVE)")
     args = parser.parse_args()
     configure_logging("bench-worker", "info", json=True)  # bench_roundtrip waits for its ready line
     policy = LerobotPolicy(args.checkpoint)
@@ -35,7 +38,8 @@ def main() -> None:
             return torch.zeros(first.shape[0], length, size)
 
         policy.policy.predict_action_chunk = trivial
-    serve(policy, args.backend, "bench", args.max_batch)
+    keys = ClientKeys(read_key_pair(args.curve_secret), read_public_key(args.broker_key)) if args.curve_secret else None
+    serve(policy, args.backend, "bench", args.max_batch, keys)
 
 
 if __name__ == "__main__":

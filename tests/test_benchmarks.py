@@ -79,6 +79,9 @@ def test_bench_roundtrip_runs_both_frameworks(tmp_path):
     assert rtc["guided"]["inference_p50_ms"] > 0 and rtc["unguided"]["inference_p50_ms"] > 0
     assert rtc["extra_inference_p50_ms"] == round(rtc["guided"]["inference_p50_ms"]
                                                   - rtc["unguided"]["inference_p50_ms"], 3)
+    curve = figures["curve"]
+    assert curve["curve"]["p50_ms"] > 0 and curve["extra_p50_ms"] == round(curve["curve"]["p50_ms"]
+                                                                           - curve["plain"]["p50_ms"], 3)
     assert (tmp_path / "rt.png").stat().st_size > 10_000
 
 

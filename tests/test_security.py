@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -19,6 +20,7 @@ from mdp_peers import CHUNKBUS, RawClient, RawWorker, kill, start_broker, start_
 from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient, BrokerRefused, RequestFailed
 from chunkbus.bus.security import ClientKeys, read_key_pair, read_public_key
+from chunkbus.bus.sockets import Subscriber
 
 WORKER = "scripted:sine?delay=0.05"
 
@@ -281,3 +283,78 @@ def test_the_metrics_endpoint_binds_localhost_unless_told(processes):
     broker = start_broker(processes, "--metrics-port", "0")
     served = json.loads(processes.wait_log(broker.process, '"metrics served"'))
     assert served["url"].startswith("http://127.0.0.1:")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_publisher_bound_for_another_host_takes_only_allowed_curve_subscribers(keys, processes):
+    subscribers = keys.root / "subscribers"
+    subscribers.mkdir()
+    (subscribers / "lab.key").write_bytes((keys.own / "lab.key").read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    processes.start_node("camera", "--name", "front", "--fps", "20", "--width", "64", "--height", "48",
+                         "--bind", endpoint, "--curve-secret", keys.secret("broker"),
+                         "--allow-subscribers", str(subscribers))
+
+    elsewhere = keys.root / "other-host"  # a runtime directory of its own: the tap sees only what --connect gives
+    elsewhere.mkdir()
+
+    def tap(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([CHUNKBUS, "tap", "echo", "--topic", "camera/*", "--duration", "1.5", *options],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "CHUNKBUS_RUNTIME_DIR": str(elsewhere)})
+
+    secured = tap("--connect", endpoint, "--curve-secret", keys.secret("lab"), "--publisher-key", keys.public("broker"))
+    assert secured.returncode == 0 and "camera/front: camera_frame" in secured.stdout, secured.stderr
+    stranger = tap("--connect", endpoint, "--curve-secret", keys.secret("stranger"),
+                   "--publisher-key", keys.public("broker"))
+    assert stranger.returncode != 0 and "refused this key" in stranger.stderr
+    assert "--allow-subscribers" in stranger.stderr and "camera_frame" not in stranger.stdout
+    with Subscriber([endpoint], ["camera/front"]) as plain:  # a plaintext subscriber over TCP: nothing
+        with pytest.raises(TimeoutError):
+            plain.wait("camera/front", timeout=1.0)
+    with Subscriber(["camera_front"], ["camera/front"]) as local:  # its ipc endpoint on this host stays as it is
+        assert local.wait("camera/front", timeout=5.0).message.image.shape == (48, 64, 3)
+    with Subscriber([endpoint], ["camera/front"], keys=keys.client("lab", server="broker")) as remote:
+        assert remote.wait("camera/front", timeout=5.0).message.camera == "front"
+
+
+def test_a_robot_host_runs_over_curve_and_a_refused_actuator_stops_at_once(secured, keys, processes):
+    broker, _ = secured
+    processes.start_node("arm", "--max-step", "100")
+    processes.start_node("actuator", "--broker", broker.frontend, "--service", "svc", "--ttl", "1.0",
+                         *keys.worker_options("lab"))  # robot id: the key's name, as the broker requires
+    with Subscriber(["actuator"], ["command"]) as commands:
+        wait_for(lambda: (c := commands.latest("command")) and not c.message.hold, what="a moving command")
+    refused = processes.start(CHUNKBUS, "--log-json", "actuator", "--broker", broker.frontend, "--service", "svc",
+                              "--name", "stranger", *keys.worker_options("stranger"), script=True)
+    exits_permanently(refused, "refused this key")
+    with BrokerClient(broker.frontend, keys=keys.client("other")) as client:
+        assert client.status().services["svc"].outcomes["ok"] > 0
+
+
+def test_the_shipped_gpu_host_file_runs_secured_with_keys_from_its_folder(processes, tmp_path):
+    from chunkbus.bus.security import new_key_pair
+
+    folder = tmp_path / "keys"  # the layout configs/gpu_workers.yaml and the README describe
+    for name, allowed in (("broker", None), ("worker", "workers"), ("so101", "robots")):
+        public, _ = new_key_pair(name, folder)
+        if allowed:
+            (folder / allowed).mkdir()
+            (folder / allowed / public.name).write_bytes(public.read_bytes())
+    port = free_port()
+    env = {"KEYS": str(folder), "FRONTEND_PORT": str(port), "BACKEND_PORT": str(free_port()), "METRICS_PORT": "0",
+           "POLICY": WORKER, "DEVICE": "cpu", "SERVICE": "svc"}
+    repo = Path(__file__).resolve().parent.parent
+    processes.start(str(Path(CHUNKBUS).parent / "launch"), str(repo / "configs/gpu_workers.yaml"), script=True,
+                    env=env)
+    robot = ClientKeys(read_key_pair(folder / "so101.key_secret"), read_public_key(str(folder / "broker.key")))
+    with BrokerClient(f"tcp://127.0.0.1:{port}", keys=robot, connect_timeout=30) as client:
+        wait_for(lambda: client.status().services.get("svc"), timeout=60, what="the worker")
+        assert isinstance(client.request("svc", request("r1", "so101"), timeout=10), ActionChunk)
+    text, _ = refusal(f"tcp://127.0.0.1:{port}", None)
+    assert "requires CURVE" in text
