@@ -14,7 +14,7 @@ import pytest
 import torch
 from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
 from safetensors.torch import save_file
-from tiny_policies import ACTION_SIZE, CAMERAS, save_tiny_policy
+from tiny_policies import ACTION_SIZE, CAMERAS, hub_settings, load_error, save_tiny_policy
 
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient
@@ -117,13 +117,22 @@ def test_a_batch_gives_what_each_request_gives_alone(checkpoints):
         np.testing.assert_allclose(result.actions, policy.run([request]).results[0].actions, rtol=1e-4, atol=1e-4)
 
 
-def test_a_compiled_policy_answers_what_the_eager_one_does(checkpoints):
+def test_a_compiled_policy_answers_what_the_eager_one_does(checkpoints, monkeypatch):
+    import torch._inductor.config as inductor
+
+    # Inductor's vector instructions from the CPU's flags, unprobed: it otherwise checks each
+    # with a Python subprocess importing torch, 10 s here before any of the model is compiled.
+    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", True)
     eager = LerobotPolicy(str(checkpoints["act"]))
     compiled = LerobotPolicy(str(checkpoints["act"]), "cpu", LoadOptions(compile=True))  # compiled before it returns
     assert compiled.describe().compiled and not eager.describe().compiled
+    calls = []
+    compiled_predict = compiled.compiled_predict
+    compiled.compiled_predict = lambda *args, **kwargs: calls.append(1) or compiled_predict(*args, **kwargs)
     request = two_camera_request("a", 1)
     np.testing.assert_allclose(compiled.run([request]).results[0].actions, eager.run([request]).results[0].actions,
                                rtol=1e-4, atol=1e-4)
+    assert calls == [1], "the request did not go through torch.compile's function"
 
 
 def test_letterbox_keeps_the_aspect_ratio():
@@ -154,24 +163,26 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_a_worker_that_cannot_load_its_policy_exits_permanently_with_one_line(tmp_path, checkpoints):
+    # Through the CLI here for a scripted policy (no torch to import), and for a LeRobot one in
+    # test_an_uncached_hub_id_...; the other cases call the loader the CLI calls (load_error).
+    result = worker_fails("scripted:zigzag")[0]
+    assert result.returncode == EXIT_PERMANENT and "unknown scripted policy 'zigzag'" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     # No such folder.
     missing = tmp_path / "nothing"
-    assert f"There is no checkpoint folder `{missing}`" in error_line(worker_fails(str(missing))[0])
+    assert f"There is no checkpoint folder `{missing}`" in load_error(str(missing))
     # A folder that is not a LeRobot checkpoint.
-    assert "Cannot read a LeRobot policy config from" in error_line(worker_fails(str(tmp_path))[0])
+    assert "Cannot read a LeRobot policy config from" in load_error(str(tmp_path))
     (tmp_path / "config.json").write_text('{"type": "no_such_policy"}')
-    line = error_line(worker_fails(str(tmp_path))[0])
-    assert "is a `no_such_policy` policy, a type this lerobot does not know" in line
+    assert "is a `no_such_policy` policy, a type this lerobot does not know" in load_error(str(tmp_path))
     # A checkpoint missing its weights.
     broken = tmp_path / "no_weights"
     broken.mkdir()
     (broken / "config.json").write_text((checkpoints["act"] / "config.json").read_text())
-    assert "model.safetensors" in error_line(worker_fails(str(broken))[0])
-    # Not a policy / not a device.
-    assert "unknown scripted policy 'zigzag'" in worker_fails("scripted:zigzag")[0].stderr
-    assert worker_fails("scripted:zigzag")[0].returncode == EXIT_PERMANENT
-    assert "`gpu` is not a torch device" in error_line(worker_fails(str(checkpoints["act"]), "--device", "gpu")[0])
-    assert "cuda:99" in error_line(worker_fails(str(checkpoints["act"]), "--device", "cuda:99")[0])
+    assert "model.safetensors" in load_error(str(broken))
+    # Not a device.
+    assert "`gpu` is not a torch device" in load_error(str(checkpoints["act"]), "gpu")
+    assert "cuda:99" in load_error(str(checkpoints["act"]), "cuda:99")
 
 
 def test_an_uncached_hub_id_fails_in_seconds_offline_saying_to_download_it(tmp_path):
@@ -183,20 +194,20 @@ def test_an_uncached_hub_id_fails_in_seconds_offline_saying_to_download_it(tmp_p
     assert seconds < 20
 
 
-def test_an_unreachable_hub_fails_in_seconds_saying_to_download_it(tmp_path):
+def test_an_unreachable_hub_fails_in_seconds_saying_to_download_it(tmp_path, monkeypatch):
     # No network, as a refused local port: fails at once, not after huggingface_hub's retries.
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
-    result, seconds = worker_fails("chunkbus-tests/no-such-model", env=env)
-    line = error_line(result)
+    hub_settings(monkeypatch, offline=False, cache=tmp_path / "hf", endpoint=endpoint)
+    start = time.monotonic()
+    line = load_error("chunkbus-tests/no-such-model")
     assert f"{endpoint} cannot be reached" in line and "`hf download chunkbus-tests/no-such-model`" in line
-    assert seconds < 20
+    assert time.monotonic() - start < 20
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchdiffeq") is not None, reason="lerobot[wallx] is installed")
-def test_a_policy_whose_lerobot_extra_is_missing_exits_permanently(tmp_path):
+def test_a_policy_whose_lerobot_extra_is_missing_exits_permanently(tmp_path, monkeypatch):
     # chunkbus installs the extras of the policies it tests (smolvla, pi, groot), not WALL-OSS's.
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies import make_policy_config
@@ -207,7 +218,8 @@ def test_a_policy_whose_lerobot_extra_is_missing_exits_permanently(tmp_path):
     )
     config._save_pretrained(tmp_path)
     save_file({}, tmp_path / "model.safetensors")  # the extra is missing before any weight is read
-    line = error_line(worker_fails(str(tmp_path))[0])
+    hub_settings(monkeypatch, offline=True)
+    line = load_error(str(tmp_path))
     assert "The `wall_x` policy needs a library that is not installed" in line and "lerobot[wallx]" in line
 
 

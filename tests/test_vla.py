@@ -18,7 +18,7 @@ import structlog.testing
 import torch
 from mdp_peers import CHUNKBUS, start_broker, start_worker, wait_for
 from pi_checkpoints import IMAGE_SHAPE, pi_config, pi_processors, save_pi_checkpoint, stand_in_tokenizers
-from tiny_policies import ACTION_SIZE, CAMERAS
+from tiny_policies import ACTION_SIZE, CAMERAS, hub_settings, load_error
 
 from chunkbus.bus import ActionChunk, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient, RequestFailed
@@ -51,6 +51,19 @@ def loaded(smolvla):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return save_text_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def pi_checkpoints(tokenizer, tmp_path_factory):
+    """π0, π0.5 and π0-FAST checkpoints as saved (no weights), by kind."""
+    root = tmp_path_factory.mktemp("pi")
+    return {kind: save_pi_checkpoint(kind, root / kind, tokenizer) for kind in ("pi0", "pi05", "pi0_fast")}
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache, as a worker started with them sees them."""
+    hub_settings(monkeypatch, offline=True, cache=tmp_path / "empty-cache")
 
 
 def request(request_id: str, task: str, seed: int = 0, shape=(96, 128)) -> ObservationRequest:
@@ -216,6 +229,8 @@ def test_a_relative_action_checkpoint_answers_absolute_actions_anchored_on_each_
 
 
 # --- loading offline: each missing asset is named, with the fix ---------------------------------
+# The messages come from the loader the worker CLI calls (load_error, in this process); one test
+# runs the CLI itself, for its exit status and the options that point the tokenizers.
 
 
 def worker_error(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -226,26 +241,36 @@ def worker_error(*args: str, env: dict | None = None) -> subprocess.CompletedPro
     return result
 
 
-@pytest.mark.parametrize("kind", ["pi0", "pi05", "pi0_fast"])
-def test_a_missing_tokenizer_offline_is_named_with_the_option_and_the_download(kind, tokenizer, tmp_path):
-    folder = save_pi_checkpoint(kind, tmp_path / kind, tokenizer)
+def test_the_worker_points_both_tokenizers_where_its_options_say_and_exits_permanently(pi_checkpoints, tokenizer,
+                                                                                          tmp_path):
+    # Offline, without --tokenizer or --action-tokenizer reaching the loader, a hub tokenizer
+    # would be named missing first; past both, this checkpoint's lack of weights is said.
     env = {"HF_HOME": str(tmp_path / "empty-cache")}
-    error = worker_error("--policy", str(folder), env=env).stderr
+    error = worker_error("--policy", str(pi_checkpoints["pi0_fast"]), "--tokenizer", str(tokenizer),
+                         "--action-tokenizer", str(tokenizer), env=env).stderr
+    lines = [line for line in error.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and "has a config.json but no model.safetensors" in lines[0], error
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05", "pi0_fast"])
+def test_a_missing_tokenizer_offline_is_named_with_the_option_and_the_download(kind, pi_checkpoints, tokenizer,
+                                                                               offline):
+    folder = str(pi_checkpoints[kind])
+    error = load_error(folder)
     assert f"The {kind} checkpoint needs `google/paligemma-3b-pt-224`, the tokenizer that turns the task" in error
     assert "HF_HUB_OFFLINE is set" in error and "`hf download google/paligemma-3b-pt-224`" in error
     assert "`--tokenizer DIR`" in error
     if kind != "pi0_fast":
         return  # π0-FAST's path goes on through both options (the same code for all three)
-    error = worker_error("--policy", str(folder), "--tokenizer", str(tokenizer), env=env).stderr
+    error = load_error(folder, tokenizer=str(tokenizer))
     assert "needs `lerobot/fast-action-tokenizer`, the FAST tokenizer" in error
     assert "--action-tokenizer DIR" in error
-    error = worker_error("--policy", str(folder), "--tokenizer", str(tokenizer), "--action-tokenizer",
-                         str(tokenizer), env=env).stderr
+    error = load_error(folder, tokenizer=str(tokenizer), action_tokenizer=str(tokenizer))
     # Past the tokenizers: this test checkpoint has no weights, which is said, not served at random.
     assert "has a config.json but no model.safetensors" in error, error
 
 
-def test_a_missing_vlm_offline_is_named(smolvla, tmp_path):
+def test_a_missing_vlm_offline_is_named(smolvla, tmp_path, offline):
     import json
 
     broken = tmp_path / "smolvla"
@@ -256,24 +281,24 @@ def test_a_missing_vlm_offline_is_named(smolvla, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["vlm_model_name"] = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"  # what a real checkpoint names
     (broken / "config.json").write_text(json.dumps(config))
-    error = worker_error("--policy", str(broken), env={"HF_HOME": str(tmp_path / "empty-cache")}).stderr
+    error = load_error(str(broken))
     assert "needs `HuggingFaceTB/SmolVLM2-500M-Video-Instruct`, its vision-language model's config" in error, error
     assert "--tokenizer DIR" in error
 
 
-def test_a_missing_groot_base_model_offline_is_named(tmp_path):
+def test_a_missing_groot_base_model_offline_is_named(tmp_path, offline):
     config = pi_config("groot")  # GR00T builds on NVIDIA's base checkpoint, fetched from the Hub
     config._save_pretrained(tmp_path)
-    error = worker_error("--policy", str(tmp_path), env={"HF_HOME": str(tmp_path / "empty-cache")}).stderr
+    error = load_error(str(tmp_path))
     assert f"The groot checkpoint needs `{config.base_model_path}`, the GR00T base model" in error, error
     assert f"`hf download {config.base_model_path}`" in error
 
 
-def test_a_tokenizer_option_a_policy_does_not_read_is_an_error(tokenizer, tmp_path):
+def test_a_tokenizer_option_a_policy_does_not_read_is_an_error(tokenizer, tmp_path, offline):
     from tiny_policies import save_tiny_policy
 
     act = save_tiny_policy("act", tmp_path / "act")
-    error = worker_error("--policy", str(act), "--tokenizer", str(tokenizer)).stderr
+    error = load_error(str(act), tokenizer=str(tokenizer))
     assert "--tokenizer was given, but this act checkpoint reads no such tokenizer" in error
 
 
