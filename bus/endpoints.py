@@ -46,6 +46,16 @@ def stats_topic(node: str) -> str:
     return f"{node}/stats"
 
 
+def chunk_topic(node: str) -> str:
+    """Where actuator `node` publishes each chunk it merges (ActionChunk): what viewers draw."""
+    return f"{node}/chunk"
+
+
+def task_topic(node: str) -> str:
+    """Where actuator `node` publishes its task, at start and at each change (TaskSet)."""
+    return f"{node}/task"
+
+
 def capture_topic(direction: str, service: str) -> str:
     """Where the broker offers its traffic to taps: direction "request" or "reply"."""
     return f"broker/{direction}/{service}"

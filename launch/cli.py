@@ -30,25 +30,28 @@ def launch_command(chunkbus: click.Group) -> click.Command:
     )
     @click.option("--dry-run", is_flag=True, help="Print the processes it would start, and exit.")
     @click.option("--only", multiple=True, help="Start only this node (repeatable).")
+    @click.option("--skip", multiple=True, help="Start every node but this one (repeatable), e.g. --skip view.")
     @click.option("--log-json", is_flag=True, help="Print the nodes' log as JSON lines, one object per line.")
     @click.option("--verbose", "-v", is_flag=True,
                   help="The full log: on a terminal, the nodes' statistics as log lines instead of status lines.")
     @click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
                   help="Seconds a node may take to say it is ready.")
-    def launch(file: str, duration: float | None, dry_run: bool, only: tuple[str, ...], log_json: bool,
-               verbose: bool, ready_timeout: float) -> None:
+    def launch(file: str, duration: float | None, dry_run: bool, only: tuple[str, ...], skip: tuple[str, ...],
+               log_json: bool, verbose: bool, ready_timeout: float) -> None:
         """Start the chunkbus nodes that FILE lists, and look after them until Ctrl-C."""
         try:
             specs = load(file, chunkbus.commands)
         except LaunchError as exc:
             raise click.ClickException(str(exc)) from None
-        if only:
-            names = {spec.name for spec in specs}
-            if unknown := set(only) - names:
+        names = {spec.name for spec in specs}
+        for option, given in (("--only", only), ("--skip", skip)):
+            if unknown := set(given) - names:
                 raise click.ClickException(
-                    f"--only {', '.join(sorted(unknown))}: no such node in {file} (nodes: {', '.join(names)})"
+                    f"{option} {', '.join(sorted(unknown))}: no such node in {file} (nodes: {', '.join(names)})"
                 )
+        if only:
             specs = [spec for spec in specs if spec.name in only]
+        specs = [spec for spec in specs if spec.name not in skip]
         if dry_run:
             for spec in start_order(specs):
                 env = " ".join(f"{k}={v}" for k, v in spec.env.items())

@@ -25,10 +25,10 @@ import zmq
 
 from ..bus import mdp
 from ..bus.codec import MAX_MESSAGE_BYTES, encode, message_type
-from ..bus.endpoints import capture_topic, is_ipv6
+from ..bus.endpoints import capture_topic, is_ipv6, stats_topic
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import Every, get_logger
-from ..bus.messages import ErrorReply
+from ..bus.messages import ErrorReply, Stats
 from ..bus.records import BrokerStatus
 from ..bus.schema import MessageError
 from ..bus.security import AllowList, ZapHandler, make_server, read_key_pair
@@ -134,6 +134,7 @@ class Broker:
                     self.send(self.core.heartbeat(now))
                     self.refresh_keys(now)
                     self.update_snapshot()
+                    self.publish_stats()
         finally:
             self.shutdown()
 
@@ -271,6 +272,15 @@ class Broker:
         elif command == mdp.DISCONNECT:
             self.worker_keys.pop(identity, None)
             self.send(self.core.remove_worker(identity, "it disconnected", now))
+
+    def publish_stats(self) -> None:
+        """Per service: queued, running, workers, on `<name>/stats` beside the capture, for viewers
+        and recordings (the same figures as mmi.status)."""
+        if self.capture is None:
+            return
+        figures = {f"{name}/{key}": float(getattr(service, key)) for name, service in self.snapshot.services.items()
+                   for key in ("queued", "running", "workers")}
+        self.capture.publish(stats_topic(self.config.capture), Stats(self.config.capture, time.monotonic(), figures))
 
     def update_snapshot(self) -> None:
         """The figures that mmi.status and the metrics endpoint report (read by other threads)."""

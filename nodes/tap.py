@@ -134,11 +134,19 @@ class Listener:
 
     def messages(self, stop: threading.Event, until: float | None):
         """Yield (topic, frames, receive time ns) until `stop` or the monotonic time `until`."""
+        for batch in self.batches(stop, until):
+            yield from batch
+
+    def batches(self, stop: threading.Event, until: float | None):
+        """Yield the lists of (topic, frames, receive time ns) that waited at each wake-up."""
         next_scan = time.monotonic() + 1.0
         while not stop.is_set() and (until is None or time.monotonic() < until):
+            batch = []
             for socket in dict(self.poller.poll(100)):
                 for frames in drain(socket):
-                    yield frames[0].bytes.decode("utf-8", "replace"), frames[1:], time.time_ns()
+                    batch.append((frames[0].bytes.decode("utf-8", "replace"), frames[1:], time.time_ns()))
+            if batch:
+                yield batch
             if self.handshakes is not None and (problem := self.handshakes.read()[1]) is not None:
                 raise TapError(f"cannot listen to the --connect endpoints: {problem}")
             if time.monotonic() >= next_scan:

@@ -217,6 +217,15 @@ def page(results: dict) -> str:
                 f"per chunk); round trip p50 +{g['extra_round_trip_p50_ms']:.2f} ms.",
                 "",
             ]
+        if "curve" in r:
+            c = r["curve"]
+            out += [
+                "The cost of CURVE encryption (overhead case, a plaintext broker and a CURVE one asked in turn, both "
+                f"hops encrypted): round trip p50 {c['plain']['p50_ms']:.2f} ms plaintext, {c['curve']['p50_ms']:.2f} "
+                f"ms with CURVE ({c['extra_p50_ms']:+.2f} ms); p99 {c['plain']['p99_ms']:.2f} vs "
+                f"{c['curve']['p99_ms']:.2f} ms ({c['extra_p99_ms']:+.2f} ms).",
+                "",
+            ]
         if (DOCS / "roundtrip_latency.png").exists():
             out += ["![round-trip latency distribution](roundtrip_latency.png)", ""]
         if "notes" in r:

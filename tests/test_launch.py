@@ -52,8 +52,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def run_local(processes, runtime_dir, tmp_path, policy: str, seconds: int):
-    ports = {"FRONTEND_PORT": str(free_port()), "BACKEND_PORT": str(free_port())}
-    env = {**ports, "POLICY": policy, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    ports = {"FRONTEND_PORT": str(free_port()), "BACKEND_PORT": str(free_port()), "VIEW_PORT": str(free_port()),
+             "VIEW_GRPC_PORT": str(free_port())}
+    # No display, as in CI, even on a desktop: the viewer serves the web viewer instead of opening a window.
+    env = {**ports, "POLICY": policy, "XDG_CACHE_HOME": str(tmp_path / "cache"), "DISPLAY": "", "WAYLAND_DISPLAY": ""}
     launch = processes.start(LAUNCH, str(REPO / "configs/local.yaml"), "--duration", str(seconds),
                              script=True, env=env)
     commands = []
@@ -68,7 +70,9 @@ def run_local(processes, runtime_dir, tmp_path, policy: str, seconds: int):
     output = launch.stdout.read()
     assert launch.wait(timeout=30) == 0, output
     pids = pids_started(output)
-    assert len(pids) == 6, output
+    assert len(pids) == 7, output  # the six nodes and the viewer
+    # No display here: the viewer serves Rerun's web viewer, and says where to open it.
+    assert f"open http://localhost:{ports['VIEW_PORT']}/?url=rerun+http://127.0.0.1:{ports['VIEW_GRPC_PORT']}" in output
     assert not [pid for pid in pids if alive(pid)], "a node outlived the launch"
     return [r.message for r in commands], status, output
 
