@@ -7,6 +7,7 @@ way in (from_wire), so every reader can rely on the keys and types written here.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -84,6 +85,35 @@ class ModelDescription(Record):
         return next((f.shape[0] for f in self.inputs.values() if f.type == "STATE" and f.shape), None)
 
 
+# Upper bounds (seconds) of the latency histograms' buckets: from a scripted policy's
+# millisecond to a vision-language model's seconds (queue waits end at a request's ttl).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(eq=False)
+class Histogram(Record):
+    """Every latency since start, by bucket: `counts[i]` were at most `bounds[i]` seconds (and
+    above the bound before); the last count is past every bound. What Prometheus histograms are
+    made of, so that dashboards can aggregate over brokers and over time."""
+
+    bounds: list[float]
+    counts: list[int]
+    total: float  # seconds, summed over every latency counted
+    SCHEMA: ClassVar = {"bounds": list_of(number(minimum=0.0), max_items=64),
+                        "counts": list_of(integer(0), max_items=65), "total": number(minimum=0.0)}
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+        return cls(list(bounds), [0] * (len(bounds) + 1), 0.0)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def copy(self) -> Histogram:
+        return Histogram(list(self.bounds), list(self.counts), self.total)
+
+
 @dataclass(eq=False)
 class ServiceStatus(Record):
     workers: int
@@ -94,6 +124,8 @@ class ServiceStatus(Record):
     queue_wait_ms: dict[str, float]  # percentiles of recent requests: p50, p95, p99, n
     service_ms: dict[str, float]
     model: ModelDescription | None = None  # of its newest worker
+    queue_wait_histogram: Histogram | None = None  # since start: what /metrics exports
+    service_histogram: Histogram | None = None
     SCHEMA: ClassVar = {
         "workers": integer(0),
         "capacity": integer(0),
@@ -103,6 +135,8 @@ class ServiceStatus(Record):
         "queue_wait_ms": dict_of(number()),
         "service_ms": dict_of(number()),
         "model": optional(record(ModelDescription)),
+        "queue_wait_histogram": optional(record(Histogram)),
+        "service_histogram": optional(record(Histogram)),
     }
 
 
@@ -132,6 +166,9 @@ class BrokerStatus(Record):
     services: dict[str, ServiceStatus] = field(default_factory=dict)
     workers: list[WorkerStatus] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)  # malformed messages, late replies
+    # Per service without a worker: the clients that asked for it (mmi.model, mmi.service) lately,
+    # robots waiting for a worker to start (what scales a service up from zero).
+    waiting: dict[str, int] = field(default_factory=dict)
     SCHEMA: ClassVar = {
         "uptime_s": number(),
         "frontend": text(),
@@ -139,4 +176,5 @@ class BrokerStatus(Record):
         "services": dict_of(record(ServiceStatus), max_items=1024),
         "workers": list_of(record(WorkerStatus), max_items=4096),
         "counters": dict_of(integer(0)),
+        "waiting": dict_of(integer(0), max_items=1024),
     }

@@ -47,6 +47,9 @@ class BrokerConfig(SchedulerConfig):  # the scheduler's settings, and where the 
     allow_workers: str | None = None
 
 
+WAITING_WINDOW = 5.0  # seconds a client that asked for a service without a worker counts as waiting
+
+
 class BrokerSetupError(ValueError):
     """The broker's configuration cannot work (its keys); the text names the fix."""
 
@@ -66,6 +69,7 @@ class Broker:
         self.backend = self.context.socket(zmq.ROUTER)
         self.robots = self.workers = None  # AllowLists, with CURVE on
         self.worker_keys: dict[bytes, str] = {}  # a worker's identity -> its key's name
+        self.waiting: dict[str, dict[bytes, float]] = {}  # service without a worker -> clients asking, when
         if config.curve_secret:
             self._secure(config)
         for socket, endpoint in ((self.frontend, config.frontend), (self.backend, config.backend)):
@@ -217,6 +221,10 @@ class Broker:
         name = request.body[0].bytes.decode("utf-8", "replace") if request.body else ""
         service = self.core.services.get(name)
         served = service if service is not None and service.workers else None  # a worker is up
+        if served is None and name and request.service in (mdp.MMI_SERVICE, mdp.MODEL_SERVICE):
+            asking = self.waiting.setdefault(name[:128], {})
+            if len(asking) < 10_000 and len(self.waiting) < 1024:  # no client makes this grow without end
+                asking[request.client] = time.monotonic()
         if request.service == mdp.MMI_SERVICE:
             reply = b"200" if served else b"404"
         elif request.service == mdp.STATUS_SERVICE:
@@ -287,10 +295,15 @@ class Broker:
         now = time.monotonic()
         services, workers = self.core.figures(now)
         counters = {**self.counters, "late_replies": self.core.late_replies}
+        for name, asking in list(self.waiting.items()):  # a robot asks twice a second while it waits
+            for client in [c for c, when in asking.items() if now - when > WAITING_WINDOW]:
+                del asking[client]
+            if not asking or (name in services and services[name].workers):
+                del self.waiting[name]
         if self.robots is not None:  # connections whose key the ZAP handler refused
             counters.update({f"refused_{side}": self.zap.refusals(domain) for side, domain in self.domains.items()})
         self.snapshot = BrokerStatus(now - self.started, self.frontend_endpoint, self.backend_endpoint, services,
-                                     workers, counters)
+                                     workers, counters, {name: len(asking) for name, asking in self.waiting.items()})
 
 
 def serve(config: BrokerConfig, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..bus import mdp
 from ..bus.mdp import RequestOptions, WorkerInfo
-from ..bus.records import ModelDescription, ServiceStatus, WorkerStatus
+from ..bus.records import Histogram, ModelDescription, ServiceStatus, WorkerStatus
 
 OUTCOMES = ("ok", "worker_error", "expired", "superseded", "rejected", "failed")
 LATENCY_WINDOW = 2000  # recent requests whose latencies the percentiles describe
@@ -108,6 +108,9 @@ class Service:
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     queue_wait: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     service_time: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # Every latency since start, by bucket, for Prometheus (the deques above are the recent ones).
+    queue_wait_histogram: Histogram = field(default_factory=Histogram.empty)
+    service_histogram: Histogram = field(default_factory=Histogram.empty)
     model: ModelDescription | None = None  # of its newest worker that said
 
 
@@ -247,6 +250,7 @@ class Scheduler:
         self._set_running(request, None)
         service = self.services[request.service]
         service.service_time.append(now - request.dispatched)
+        service.service_histogram.observe(now - request.dispatched)
         out: list[Output] = [self._answer(request, "worker_error" if worker_error else "ok", reply=body)]
         return self._dispatch(service, now, out)
 
@@ -322,6 +326,8 @@ class Scheduler:
                 queue_wait_ms=_percentiles(service.queue_wait),
                 service_ms=_percentiles(service.service_time),
                 model=service.model,
+                queue_wait_histogram=service.queue_wait_histogram.copy(),
+                service_histogram=service.service_histogram.copy(),
             )
             for name, service in self.services.items()
         }
@@ -401,6 +407,7 @@ class Scheduler:
             request.attempts += 1
             request.dispatched = worker.last_used = now
             service.queue_wait.append(now - request.received)
+            service.queue_wait_histogram.observe(now - request.received)
             out.append(Dispatch(worker.identity, request.ticket, request.body))
         return out
 
