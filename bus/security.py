@@ -150,14 +150,15 @@ class AllowList:
                                "public keys (NAME.key files)")
         self.log = get_logger(component="keys")
         self.names: dict[bytes, str] = {}  # public key -> name; replaced whole, read by the ZAP thread
+        self.identities: frozenset[str] = frozenset()  # the names, for a check per message
         self._seen: object = None
         self.refresh(strict=True)
 
     def _signature(self) -> object:
         try:
-            return sorted((p.name, s.st_mtime_ns, s.st_size) for p in self.folder.glob(f"*{PUBLIC_SUFFIX}")
-                          if (s := p.stat()))
-        except OSError:
+            return sorted((path.name, path.stat().st_mtime_ns, path.stat().st_size)
+                          for path in self.folder.glob(f"*{PUBLIC_SUFFIX}"))
+        except OSError:  # a file went while we looked: look again next time
             return None
 
     def refresh(self, strict: bool = False) -> set[str]:
@@ -181,11 +182,11 @@ class AllowList:
             added = set(names.values()) - set(self.names.values())
             self.log.info("allowed keys changed", folder=str(self.folder), added=sorted(added),
                           removed=sorted(removed), keys=len(names))
-        self.names, self._seen = names, signature
+        self.names, self.identities, self._seen = names, frozenset(names.values()), signature
         return removed
 
     def allows(self, name: str) -> bool:
-        return name in self.names.values()
+        return name in self.identities
 
 
 class ZapHandler:
@@ -241,7 +242,7 @@ class ZapHandler:
         version, request_id = (request + [b"", b""])[:2]
         if len(request) < 6 or version != b"1.0":
             return [b"1.0", request_id, b"400", b"malformed ZAP request", b"", b""]
-        domain, address, _identity, mechanism, *credentials = [f for f in request[2:]]
+        domain, address, _identity, mechanism, *credentials = request[2:]
         domain_name = domain.decode("utf-8", "replace")
         allowed = self.domains.get(domain_name)
         if mechanism == b"NULL" and allowed is None:  # a plain socket of this process: not ours to judge

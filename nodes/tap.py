@@ -299,7 +299,8 @@ def read_recording(path: str, topics: list[str] | None = None):
                     if record.message_encoding != FRAMES_ENCODING:
                         raise TapError(
                             f"{path!r}: channel {record.topic!r} is not a chunkbus recording "
-                            f"({record.message_encoding})"
+                            f"({record.message_encoding}): tap info, replay, export and view read the MCAP files "
+                            "`chunkbus tap record` writes"
                         )
                     channels[record.id] = record.topic
                 elif isinstance(record, Message):

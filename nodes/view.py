@@ -138,11 +138,13 @@ class Drawing:
                    for robot in self.robots for title, names in ROBOT_PLOTS.items()]
         figures += [rrb.TimeSeriesView(name=f"{service}: {figure}", contents=[f"stats/{service}/{figure}"])
                     for service in self.services for figure in BROKER_FIGURES]
-        columns = [rrb.Vertical(*cameras) if cameras else None, rrb.Grid(*joints) if joints else None,
-                   rrb.Vertical(*figures, rrb.TextDocumentView(origin="task", name="task"), rrb.TextLogView(
-                       origin="log", name="errors"))]
-        return rrb.Blueprint(rrb.Horizontal(*[c for c in columns if c is not None], column_shares=[1, 2, 1][
-            -len([c for c in columns if c is not None]):]), collapse_panels=True)
+        side = rrb.Vertical(*figures, rrb.TextDocumentView(origin="task", name="task"),
+                            rrb.TextLogView(origin="log", name="errors"))
+        columns = [(rrb.Vertical(*cameras), 1)] if cameras else []
+        columns += [(rrb.Grid(*joints), 2)] if joints else []
+        columns.append((side, 1))
+        return rrb.Blueprint(rrb.Horizontal(*[view for view, _ in columns], column_shares=[s for _, s in columns]),
+                             collapse_panels=True)
 
     def _chunk(self, chunk: ActionChunk) -> None:
         key = (chunk.request_id, chunk.tick)
