@@ -117,9 +117,10 @@ class BrokerClient:
 
     # --- sending ------------------------------------------------------------------------
 
-    def send_frames(self, service: str, body: list) -> None:
-        """Send one MDP request; waits up to connect_timeout for a connected broker. Raises
-        BrokerRefused as soon as the handshake fails, BrokerUnavailable after the timeout."""
+    def send_frames(self, service: str, body: list) -> int:
+        """Send one MDP request; waits up to connect_timeout for a connected broker. Returns the
+        body's bytes. Raises BrokerRefused as soon as the handshake fails, BrokerUnavailable
+        after the timeout."""
         deadline = time.monotonic() + self.connect_timeout
         writable = zmq.Poller()
         writable.register(self.socket, zmq.POLLOUT)
@@ -136,14 +137,17 @@ class BrokerClient:
                 )
             writable.poll(remaining * 1000)
         self.socket.send_multipart(mdp.client_to_broker(service, body), copy=False)
+        return sum(memoryview(frame).nbytes for frame in body)
 
-    def send(self, service: str, message: Message) -> None:
-        """Send a chunkbus request (its request_id, priority, ttl and replace_key go along)."""
-        self.send_frames(service, encode(message))
+    def send(self, service: str, message: Message) -> int:
+        """Send a chunkbus request (its request_id, priority, ttl and replace_key go along); returns
+        its bytes on the wire."""
+        sent = self.send_frames(service, encode(message))
         request_id = message.request_id  # type: ignore[attr-defined]
         self._outstanding[request_id] = (service, getattr(message, "robot_id", ""))
         if len(self._outstanding) > 10_000:  # requests nobody receives the answers of
             self._outstanding.pop(next(iter(self._outstanding)))
+        return sent
 
     # --- receiving ----------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ Before the loop starts it asks the broker for the service's model (mmi.model) an
 the cameras, state size and action size against it (again, off the loop, when a chunk comes
 from another model than the one checked): a mismatch is one error that
 names the fix, and the node exits (EXIT_PERMANENT) instead of sending the GPU host 30 bad
-requests a second. Whatever goes wrong later (a silent broker, a silent camera) is named
-in a warning at once and then at most every WARN_EVERY seconds, while the arm holds.
+requests a second. While the service has no worker it asks twice a second, which the
+broker counts as a robot waiting for the service (for an autoscaler that starts workers
+from zero). Whatever goes wrong later (a silent broker, a silent camera) is named in a warning at once and then at
+most every WARN_EVERY seconds, while the arm holds.
 
 The task its requests carry (language-conditioned policies need one) can change while it
 runs: `chunkbus task` asks on the actuator's control socket, answered between two ticks.
@@ -31,7 +33,7 @@ from functools import partial
 import numpy as np
 
 from ..bus.client import BrokerClient, BrokerRefused, BrokerUnavailable, new_request_id
-from ..bus.endpoints import COMMAND, STATE, camera_node, camera_topic, stats_topic
+from ..bus.endpoints import COMMAND, STATE, camera_node, camera_topic, chunk_topic, stats_topic, task_topic
 from ..bus.lifecycle import announce_ready, run_node
 from ..bus.log import Every, get_logger
 from ..bus.messages import (
@@ -45,11 +47,12 @@ from ..bus.messages import (
     Stats,
     TaskSet,
 )
-from ..bus.records import ModelDescription
+from ..bus.records import Histogram, ModelDescription
 from ..bus.security import ClientKeys
 from ..bus.sockets import ControlServer, Publisher, Subscriber
 from ..bus.ticker import Ticker
 from . import stitching
+from .images import for_sending
 
 
 @dataclass
@@ -75,7 +78,14 @@ class ActuatorConfig:
     request_timeout: float = 2.0
     name: str = "actuator"
     keys: ClientKeys | None = None  # CURVE: this robot's key pair and the broker's public key
+    # What a request's camera frames are, on the wire: fitted to the model's input size or as the
+    # cameras took them; raw pixels or JPEG. The defaults suit a remote GPU over a real uplink.
+    send_size: str = "model"  # model | native
+    send_encoding: str = "jpeg"  # jpeg | raw
+    jpeg_quality: int = 90
     input_keys: ClientKeys | None = None  # CURVE to the camera and arm endpoints on tcp://, with the publishers' key
+    metrics_port: int | None = None  # serve /metrics (round trips, holds) for a Prometheus
+    metrics_host: str = "127.0.0.1"
 
 
 # The once-a-second log line, in this order (the README explains each); the published
@@ -133,6 +143,11 @@ class Actuator:
         self.history: deque[Observation] = deque(maxlen=64)
         self.outstanding: tuple[str, int, float] | None = None  # request id, tick, send time
         self.round_trips: deque[float] = deque(maxlen=50)
+        self.sent_frames: dict[str, tuple] = {}  # per camera input: (the frame, as it was last sent)
+        self.request_bytes = 0  # of the last request, and its observations
+        self.observations_sent = 1
+        self.round_trip_histogram = Histogram.empty()  # every round trip, for /metrics
+        self.ticker: Ticker | None = None  # the loop's, once it runs
         self.expected_delay = math.ceil(config.fps)  # ticks; 1 s until a round trip is measured
         self.last_command: np.ndarray | None = None
         self.names: list[str] = []
@@ -168,16 +183,34 @@ class Actuator:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        metrics = None
         try:
+            if self.config.metrics_port is not None:
+                metrics = self.serve_metrics()
             if not self.prepare():
                 return
             self.loop()
         finally:
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
             self.client.close()
             self.inputs.close()
             self.control.close()
             self.publisher.close()
             self.log.info("actuator stopped", **self.counts)
+
+    def serve_metrics(self):
+        """/metrics and /health for a Prometheus on the robot host (round trips, holds)."""
+        from .metrics import start_actuator_metrics
+
+        host, port = self.config.metrics_host, self.config.metrics_port
+        try:
+            server = start_actuator_metrics(self, port, host)
+        except OSError as exc:
+            raise SetupError(f"cannot serve metrics on {host}:{port} (--metrics-port): {exc.strerror}") from None
+        self.log.info("metrics served", url=f"http://{host}:{server.server_address[1]}/metrics")
+        return server
 
     # --- before the loop ---------------------------------------------------------------------
 
@@ -267,11 +300,12 @@ class Actuator:
     # --- the loop ---------------------------------------------------------------------------
 
     def loop(self) -> None:
-        ticker = Ticker(self.config.fps)
+        ticker = self.ticker = Ticker(self.config.fps)
         self.loop_start = time.monotonic()
         next_stats = self.loop_start + 1.0
         announce_ready(self.log, "actuator", service=self.config.service, broker=self.config.broker,
                        fps=self.config.fps, strategy=self.config.strategy, task=self.config.task)
+        self.publisher.publish(task_topic(self.config.name), TaskSet(self.config.robot_id, self.config.task, "", 0))
         seq = 0
         while not self.stop_event.is_set():
             tick = ticker.wait()
@@ -295,7 +329,9 @@ class Actuator:
             return ErrorReply("", "bad_request", f"{self.model.type} is language-conditioned: the task cannot be empty")
         previous, self.config.task = self.config.task, message.task
         self.log.info("task changed", task=message.task, previous=previous, tick=self.tick)
-        return TaskSet(self.config.robot_id, message.task, previous, self.tick + 1)
+        answer = TaskSet(self.config.robot_id, message.task, previous, self.tick)  # this tick's request has it
+        self.publisher.publish(task_topic(self.config.name), answer)  # for viewers and recordings
+        return answer
 
     def take_replies(self, tick: int, now: float) -> None:
         while (reply := self.client.receive(0)) is not None:
@@ -317,7 +353,10 @@ class Actuator:
                 continue
             self.pause = 1.0
             self.round_trips.append(now - sent)
-            self.expected_delay = math.ceil(np.percentile(self.round_trips, 95) * self.config.fps)
+            self.round_trip_histogram.observe(now - sent)
+            # The longest of the last ten, not a percentile: over a jittery link a round trip past the
+            # p95 is one hold. Asking a few ticks early costs nothing but a slightly older observation.
+            self.expected_delay = math.ceil(max(list(self.round_trips)[-10:]) * self.config.fps)
             self.accept(message, tick)
 
     def accept(self, chunk: ActionChunk, tick: int) -> None:
@@ -343,6 +382,7 @@ class Actuator:
             return
         self.schedule = merged
         self.counts["chunks_used"] += 1
+        self.publisher.publish(chunk_topic(self.config.name), chunk)  # small: what viewers draw of stitching
 
     def command(self, tick: int, now: float, seq: int) -> bool:
         action = self.schedule.action_at(tick) if self.schedule is not None else None
@@ -410,7 +450,7 @@ class Actuator:
             fps=self.config.fps,
             send_time=now,
             task=self.config.task,
-            observations=list(self.history)[-steps:],
+            observations=[self.outgoing(o) for o in list(self.history)[-steps:]],
             priority=self.config.priority,
             ttl=self.config.ttl,
             replace_key=self.config.robot_id,
@@ -418,7 +458,8 @@ class Actuator:
             expected_delay=delay,
         )
         try:
-            self.client.send(self.config.service, request)
+            self.request_bytes = self.client.send(self.config.service, request)
+            self.observations_sent = len(request.observations)
         except BrokerRefused as exc:  # the keys no longer get in (a restarted broker with other keys)
             raise SetupError(str(exc)) from None
         except BrokerUnavailable:
@@ -428,6 +469,20 @@ class Actuator:
             return
         self.outstanding = (request.request_id, tick, now)
         self.counts["requests"] += 1
+
+    def outgoing(self, observation: Observation) -> Observation:
+        """The observation as it is sent: its frames fitted and encoded as --send-size and
+        --send-encoding say (each frame once: a history shares them between requests)."""
+        images = {}
+        for key, image in observation.images.items():
+            cached = self.sent_frames.get(key)
+            if cached is None or cached[0] is not image:
+                feature = self.model.inputs.get(key) if self.config.send_size == "model" else None
+                size = tuple(feature.shape[1:]) if feature is not None and feature.type == "VISUAL" else None
+                cached = (image, for_sending(image, size, self.config.send_encoding, self.config.jpeg_quality))
+                self.sent_frames[key] = cached
+            images[key] = cached[1]
+        return Observation(observation.tick, observation.time, observation.state, images)
 
     def guidance(self, tick: int) -> tuple[np.ndarray | None, int | None]:
         """rtc: what this actuator will command from `tick` on (the prefix the chunk is guided
@@ -454,6 +509,9 @@ class Actuator:
             "schedule_left": float(self.schedule.remaining(tick + 1) if self.schedule else 0),
             "rtt_p50_ms": float(np.percentile(rtt, 50)),
             "rtt_p95_ms": float(np.percentile(rtt, 95)),
+            "rtt_p99_ms": float(np.percentile(rtt, 99)),
+            "request_bytes": float(self.request_bytes),  # the last request's, on the wire
+            "bytes_per_observation": float(self.request_bytes / self.observations_sent),
             **{k: float(v) for k, v in self.counts.items()},
         }
         self.publisher.publish(stats_topic(self.config.name), Stats(self.config.name, time.monotonic(), figures))

@@ -142,11 +142,17 @@ def broker(log: LogOptions, metrics_port, metrics_host, name, no_capture, **opti
               help="A folder (or hub id) with π0-FAST's FAST action tokenizer, instead of the checkpoint's.")
 @click.option("--default-task", default="",
               help="The task for warm-up, and for requests that carry none (language-conditioned policies).")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.01), default=0.5,
+              help="Seconds between heartbeats to the broker (as the broker's --heartbeat-interval).")
+@click.option("--heartbeat-liveness", type=click.IntRange(1), default=3,
+              help="Heartbeats missed before the worker takes the broker for gone and registers again; over a "
+                   "slow or jittery link to the broker give both sides more (docs/networking.md).")
 @curve_options()
 @click.pass_obj
 def worker(log: LogOptions, broker_address: str, policy: str, device: str, service: str | None, max_batch: int,
            threads: int | None, dtype: str, compile_model: bool, tokenizer: str | None, action_tokenizer: str | None,
-           default_task: str, curve_secret: str | None, peer_key: str | None) -> None:
+           default_task: str, heartbeat_interval: float, heartbeat_liveness: int, curve_secret: str | None,
+           peer_key: str | None) -> None:
     """Serve one policy on one device to the broker."""
     from ..bus.worker_link import LinkFailed
     from .policies import LoadOptions, PolicyLoadError, load_policy
@@ -167,7 +173,7 @@ def worker(log: LogOptions, broker_address: str, policy: str, device: str, servi
     service = service or loaded.describe().type
     logger.info("policy loaded", policy=policy, service=service, device=device)
     try:
-        serve(loaded, broker_address, service, max_batch, keys)
+        serve(loaded, broker_address, service, max_batch, keys, heartbeat_interval, heartbeat_liveness)
     except LinkFailed as exc:  # the broker refuses this worker: the same keys would be refused again
         raise PermanentError(str(exc)) from None
 
@@ -310,6 +316,13 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
 @click.option("--ensemble-m", type=float, default=0.01, help="Weight decay m of exp(-m*i) (ensemble).")
 @click.option("--priority", type=int, default=0, help="This robot's requests go before those of lower priority.")
 @click.option("--ttl", type=click.FloatRange(min=0), default=0.5, help="Seconds a request may wait in the broker.")
+@click.option("--send-size", type=click.Choice(["model", "native"]), default="model",
+              help="Camera frames as the model takes them (letterboxed to its input size, as the worker would) or "
+                   "as the cameras took them.")
+@click.option("--send-encoding", type=click.Choice(["jpeg", "raw"]), default="jpeg",
+              help="Camera frames in requests JPEG-compressed or as raw pixels (raw: for a GPU on the same host or "
+                   "LAN, where bandwidth is free and JPEG's CPU is not).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, help="JPEG quality of sent frames.")
 @click.option("--camera", "cameras", multiple=True,
               help="A camera to send (repeatable): NAME, as the policy's observation.images.NAME, or NAME=FEATURE_KEY.")
 @click.option("--camera-node", multiple=True,
@@ -320,6 +333,10 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
 @click.option("--request-timeout", type=click.FloatRange(min=0.01), default=2.0,
               help="Seconds to wait for a chunk before asking again.")
 @click.option("--name", default="actuator", help="Node name; it publishes `command`.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve this robot's round trips, holds and counts for Prometheus on this HTTP port (/metrics).")
+@click.option("--metrics-host", default="127.0.0.1",
+              help="The address the metrics port binds: 0.0.0.0 lets other hosts (a Prometheus) scrape it.")
 @curve_options()
 @click.option("--publisher-key", default=None,
               help="The public key of the publishers on another host that --camera-node or --arm name by tcp:// "
@@ -365,6 +382,40 @@ def task(log: LogOptions, text: str, actuator_name: str) -> None:
     if isinstance(answer, ErrorReply):
         raise click.ClickException(f"the actuator refused: {answer.message}")
     click.echo(f"robot {answer.robot_id}: task {answer.task!r} from tick {answer.tick} (was {answer.previous!r})")
+
+
+@main.command()
+@click.argument("recording", required=False, type=click.Path(dir_okay=False))
+@click.option("--connect", multiple=True,
+              help="Also listen to this endpoint: tcp://HOST:PORT, or a node's name (repeatable).")
+@click.option("--save", default=None, type=click.Path(dir_okay=False),
+              help="Write a Rerun recording (FILE.rrd) instead of showing it.")
+@click.option("--web", is_flag=True,
+              help="Serve Rerun's web viewer (for a headless host or a browser) instead of the native viewer; "
+                   "without a display that is the default.")
+@click.option("--web-port", type=click.IntRange(1, 65535), default=9090, help="The web viewer's HTTP port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=9876,
+              help="The port the web viewer reads the data from.")
+@click.option("--duration", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds (live).")
+@click.option("--camera-fps", type=click.FloatRange(min=0.1), default=10.0,
+              help="Frames drawn per camera and second at most (live): drawing takes CPU the robot may need.")
+@curve_options("--publisher-key", "the publishers of --connect tcp:// endpoints")
+@click.pass_obj
+def view(log: LogOptions, recording, connect, save, web, web_port, grpc_port, duration, camera_fps, curve_secret,
+         peer_key) -> None:
+    """Show this host's bus in Rerun (cameras, joints, commands, every chunk), or RECORDING.mcap."""
+    from .tap import TapError
+    from .view import view_live, view_recording
+
+    log.start("view")
+    try:
+        if recording:
+            view_recording(recording, save, web, web_port, grpc_port)
+        else:
+            keys = client_keys(curve_secret, peer_key, "--publisher-key", pair_required=False)
+            view_live(list(connect), keys, save, web, web_port, grpc_port, duration, camera_fps)
+    except TapError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.group()
@@ -500,6 +551,36 @@ def tap_info(log: LogOptions, recording) -> None:
 
     log.start("tap")
     click.echo(format_info(_tap_errors(info, recording)))
+
+
+@tap.command("export")
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.option("--lerobot", "dataset_dir", type=click.Path(file_okay=False), default=None,
+              help="Write a LeRobot dataset into this new folder (lerobot's own writer; nothing is pushed).")
+@click.option("--repo-id", default=None, help="The dataset's id, USER/NAME (with --lerobot).")
+@click.option("--episode-gap", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="A new episode after this many seconds without a moving command (that pause's holds left out).")
+@click.option("--split-on-task", is_flag=True, help="A new episode where the task changes.")
+@click.option("--task", default=None, help="The task of every frame, instead of the recording's.")
+@click.option("--foxglove", "foxglove_out", type=click.Path(dir_okay=False), default=None,
+              help="Write an MCAP with Foxglove's schemas here (the Foxglove app opens it with no plugin).")
+@click.pass_obj
+def tap_export(log: LogOptions, recording, dataset_dir, repo_id, episode_gap, split_on_task, task,
+               foxglove_out) -> None:
+    """A recording as a LeRobot dataset (--lerobot DIR --repo-id USER/NAME) or for Foxglove (--foxglove OUT.mcap)."""
+    from .export import export_foxglove, export_lerobot
+
+    if dataset_dir is None and foxglove_out is None:
+        raise click.UsageError("say what to export: --lerobot DIR --repo-id USER/NAME, or --foxglove OUT.mcap")
+    if dataset_dir is not None and repo_id is None:
+        raise click.UsageError("--lerobot needs --repo-id USER/NAME: the dataset's id (nothing is pushed to the hub)")
+    log.start("tap")
+    if dataset_dir is not None:
+        exported = _tap_errors(export_lerobot, recording, dataset_dir, repo_id, episode_gap, split_on_task, task)
+        click.echo(exported.text())
+    if foxglove_out is not None:
+        counts = _tap_errors(export_foxglove, recording, foxglove_out)
+        click.echo(f"wrote {sum(counts.values())} messages on {len(counts)} topics into {foxglove_out}")
 
 
 launch = launch_command(main)  # `chunkbus launch`, and the `launch` script (pyproject.toml)

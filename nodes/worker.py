@@ -108,7 +108,9 @@ class Worker:
         return [(batch[i][0], replies[i]) for i in range(len(batch))]
 
 
-def serve(policy: Policy, broker: str, service: str, max_batch: int, keys: ClientKeys | None = None) -> None:
+def serve(policy: Policy, broker: str, service: str, max_batch: int, keys: ClientKeys | None = None,
+          heartbeat_interval: float = mdp.HEARTBEAT_INTERVAL, heartbeat_liveness: int = mdp.HEARTBEAT_LIVENESS) -> None:
     """Run a worker in this process until SIGINT, SIGTERM or SIGHUP; LinkFailed when the broker
     refuses it."""
-    run_node(Worker(policy, broker, service, max_batch, keys=keys))
+    run_node(Worker(policy, broker, service, max_batch, keys=keys, heartbeat_interval=heartbeat_interval,
+                    heartbeat_liveness=heartbeat_liveness))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-ORDER = ["codec", "broker", "jitter", "roundtrip", "stitch", "models"]
+ORDER = ["codec", "broker", "jitter", "roundtrip", "stitch", "wan", "models"]
 
 
 def run(name: str, extra: list[str]) -> dict:
@@ -97,6 +97,11 @@ def page(results: dict) -> str:
         f = results["roundtrip"]["four_clients"]
         aims.append(("higher throughput with four clients", f["chunkbus_rps"] > f["lerobot_rps"],
                      f"{f['chunkbus_rps']:.0f} vs {f['lerobot_rps']:.0f} requests/s"))
+    if "wan" in results and "headline" in results["wan"]:
+        h = results["wan"]["headline"]
+        aims.append(("100 ms RTT, 20 Mbit/s up, default send: no hold over 2 minutes, round trip p50 at most "
+                     "RTT + service + 40 ms", h["aim_met"],
+                     f"{h['holds_per_min']} holds/min, p50 {h['rtt_p50_ms']:.0f} ms (service {h['service_ms']} ms)"))
     if "stitch" in results:
         mid = [(case, rows[d]) for case, rows in results["stitch"].items() for d in rows if 3 <= int(d[1:]) <= 10]
         if mid:
@@ -273,7 +278,33 @@ def page(results: dict) -> str:
                 ]), ""]
         skipped = [f"- {r['type']} skipped: {r['skipped']}" for r in m["rows"] if "skipped" in r]
         out += [*skipped, ""] if skipped else []
+    if "wan" in results:
+        out += [wan_section(results["wan"]), ""]
     return "\n".join(out)
+
+
+def wan_table(cases: list[dict]) -> str:
+    """The rows of bench_wan.py's cases (also docs/networking.md's table)."""
+    return table(["policy", "RTT ms", "uplink Mbit/s", "send", "strategy", "bytes/request", "round trip p50 / p99 ms",
+                  "holds/min", "chunks", "late switches", "service ms"], [
+        [c["policy"], f"{c['rtt_ms']:g}", f"{c['uplink_mbit']:g}",
+         c["send"] + (" (default)" if c["default_send"] else ""), c["strategy"], f"{c['bytes_per_request']:,}",
+         f"{c['rtt_p50_ms']:.0f} / {c['rtt_p99_ms']:.0f}",
+         f"{c['holds_per_min']:g}", c["chunks_used"], c["late_switches"], f"{c['service_ms']}"] for c in cases])
+
+
+def wan_section(w: dict) -> str:
+    lines = ["## Over an emulated internet link (`scripts/bench_wan.py`)", "",
+             "One robot (two synthetic 640x480 cameras, 30 Hz) through `scripts/link_emulator.py`: the round trip "
+             "given, +-20% jitter each way, the uplink capped, 100 Mbit/s down. Synthetic frames compress better "
+             "than a real scene: a real 224x224 frame at JPEG quality 90 is about 15-25 kB. "
+             "docs/networking.md reads the table.", "", wan_table(w["cases"]), ""]
+    if "headline" in w:
+        h = w["headline"]
+        lines += [f"The headline case for {h['seconds']:.0f} s (100 ms, 20 Mbit/s, default send): {h['holds_per_min']} "
+                  f"holds per minute, round trip p50 {h['rtt_p50_ms']:.0f} ms and p99 {h['rtt_p99_ms']:.0f} ms, "
+                  f"service {h['service_ms']} ms.", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -284,7 +315,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = {"codec": ["--iterations", "5", "--rounds", "2"], "broker": ["--seconds", "0.5", "--count", "50"],
              "jitter": ["--seconds", "1.5"], "roundtrip": ["--quick"],
-             "stitch": ["--ticks", "300", "--delays", "0,3,6,10"],
+             "stitch": ["--ticks", "300", "--delays", "0,3,6,10"], "wan": ["--quick"],
              "models": ["--types", "act,smolvla,pi0_fast", "--calls", "2", "--warmup", "1", "--batches", "1,2"]}
     # On a CPU, Diffusion at lerobot's default (100 denoising steps, 278 M parameters) takes
     # about a minute per chunk: the page's run leaves it out (run bench_models.py --types diffusion).

@@ -121,3 +121,17 @@ def test_bench_models_reports_every_figure():
     text = page({"models": figures})
     assert "## Policy latency per action chunk on cpu" in text and "a CPU run cannot be compared" in text
     assert "| act | default | 1 |" in text and "- pi0_fast skipped: its FAST action tokenizer" in text
+
+
+def test_bench_wan_runs_a_robot_through_the_emulated_link():
+    figures = last_json_line("scripts/bench_wan.py", "--quick")
+    cases = {(c["send"], c["strategy"]): c for c in figures["cases"]}
+    default, native = cases["model jpeg", "crossfade"], cases["native raw", "rtc"]
+    assert default["default_send"] and not native["default_send"]
+    assert native["bytes_per_request"] > 20 * default["bytes_per_request"]  # two raw VGA frames against two JPEGs
+    assert default["rtt_p50_ms"] >= 100 and default["chunks_used"] > 0 and default["service_ms"] >= 50
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_page import page
+
+    text = page({"wan": figures})  # the page renders these figures
+    assert "## Over an emulated internet link" in text and "| scripted | 100 | 20 | model jpeg (default) |" in text

@@ -19,8 +19,9 @@ from tiny_policies import ACTION_SIZE, CAMERAS, hub_settings, load_error, save_t
 from chunkbus.bus import ActionChunk, ErrorReply, JpegImage, Observation, ObservationRequest
 from chunkbus.bus.client import BrokerClient
 from chunkbus.bus.lifecycle import EXIT_PERMANENT
+from chunkbus.nodes.images import letterbox
 from chunkbus.nodes.policies import LoadOptions
-from chunkbus.nodes.policies.lerobot import LerobotPolicy, letterbox
+from chunkbus.nodes.policies.lerobot import LerobotPolicy
 
 POLICIES = ("act", "diffusion", "vqbet")
 

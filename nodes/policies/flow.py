@@ -34,10 +34,11 @@ from ...bus.messages import ObservationRequest
 from ...bus.records import ModelDescription, RtcSupport
 from . import BadRequest, BatchResult, Result
 from .guidance import Guide, by_guidance, guide_of
+from .scripted import camera_inputs
 
 DEFAULTS = {"chunk": "50", "actions": "6", "modes": "1", "spread": "12", "sigma": "0.3", "offset": "0",
             "steps": "10", "period": "90", "amplitude": "20", "center": "0", "scale": "20", "schedule": "LINEAR",
-            "max_guidance": "10", "delay": "0", "seed": "0"}
+            "max_guidance": "10", "delay": "0", "seed": "0", "cameras": "", "size": "224x224"}
 
 
 class FlowPolicy:
@@ -74,11 +75,12 @@ class FlowPolicy:
         low, _, high = o["delay"].partition("-")
         self.delay = (float(low), float(high or low))
         self.random = random.Random(self.seed)
+        self.inputs = camera_inputs(o, spec)  # cameras it says it takes (and ignores), as scripted:
         self.rtc = RTCProcessor(RTCConfig(enabled=True, prefix_attention_schedule=self.schedule,
                                           max_guidance_weight=self.max_guidance))
 
     def describe(self) -> ModelDescription:
-        return ModelDescription(type=self.name, name=self.name, inputs={}, action_size=self.action_size,
+        return ModelDescription(type=self.name, name=self.name, inputs=self.inputs, action_size=self.action_size,
                                 chunk_size=self.chunk, scripted=True,
                                 rtc=RtcSupport(self.schedule.value, self.max_guidance, flow_steps=self.steps))
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from ...bus.log import get_logger
 from ...bus.messages import ObservationRequest
 from ...bus.records import Feature, ModelDescription, RtcSupport
 from ...bus.schema import JpegImage, MessageError
+from ..images import letterbox
 from . import BadRequest, BatchResult, LoadOptions, Result
 from .guidance import Guide, by_guidance, guide_of
 from .lerobot_loading import (
@@ -45,20 +45,6 @@ from .lerobot_loading import (
     reads_task,
     saved_steps,
 )
-
-
-def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize `image` (HxWxC) to fit height x width keeping its aspect ratio; pad with black."""
-    h, w = image.shape[:2]
-    scale = min(height / h, width / w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    if resized.ndim == 2:
-        resized = resized[:, :, None]
-    out = np.zeros((height, width, image.shape[2]), dtype=image.dtype)
-    top, left = (height - new_h) // 2, (width - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = resized
-    return out
 
 
 class LerobotPolicy:

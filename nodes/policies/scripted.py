@@ -10,8 +10,18 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from ...bus.messages import ObservationRequest
-from ...bus.records import ModelDescription
+from ...bus.records import Feature, ModelDescription
 from . import BatchResult, Result
+
+
+def camera_inputs(options: dict[str, str], spec: str) -> dict[str, Feature]:
+    """The camera inputs `cameras=a,b&size=HxW` describe (RGB, as lerobot's VISUAL features)."""
+    cameras = [c for c in options.get("cameras", "").split(",") if c]
+    try:
+        height, width = (int(v) for v in options.get("size", "224x224").split("x"))
+    except ValueError:
+        raise ValueError(f"{spec!r}: size is HEIGHTxWIDTH, e.g. 224x224") from None
+    return {f"observation.images.{c}": Feature("VISUAL", [3, height, width]) for c in cameras}
 
 
 class ScriptedPolicy:
@@ -19,7 +29,9 @@ class ScriptedPolicy:
 
     ``sine``: f(t)[j] = amplitude * sin(2*pi*t/period + j); ``constant``: f(t)[j] = value.
     Options as a query: ``scripted:sine?chunk=50&actions=6&period=90&amplitude=20``,
-    ``delay=0.1`` (seconds per batch) or ``delay=0.05-0.3`` (uniform, seeded by ``seed``).
+    ``delay=0.1`` (seconds per batch) or ``delay=0.05-0.3`` (uniform, seeded by ``seed``),
+    ``cameras=front,wrist&size=224x224``: camera inputs it says it takes (and ignores), so a
+    robot sends what a real policy of that input size would get.
     """
 
     KINDS = ("sine", "constant")
@@ -29,7 +41,7 @@ class ScriptedPolicy:
         if kind not in self.KINDS:
             raise ValueError(f"unknown scripted policy {kind!r}: choose one of {', '.join(self.KINDS)}")
         options = dict(parse_qsl(query, strict_parsing=bool(query)))
-        known = {"chunk", "actions", "period", "amplitude", "value", "delay", "seed"}
+        known = {"chunk", "actions", "period", "amplitude", "value", "delay", "seed", "cameras", "size"}
         if unknown := set(options) - known:
             raise ValueError(
                 f"unknown option(s) {', '.join(sorted(unknown))} for {spec!r}: known: {', '.join(sorted(known))}"
@@ -44,6 +56,7 @@ class ScriptedPolicy:
         low, _, high = options.get("delay", "0").partition("-")
         self.delay = (float(low), float(high or low))
         self.random = random.Random(int(options.get("seed", 0)))
+        self.inputs = camera_inputs(options, spec)
 
     def trajectory(self, ticks: np.ndarray) -> np.ndarray:
         """f at each tick: (len(ticks), action size) float32."""
@@ -54,7 +67,7 @@ class ScriptedPolicy:
         return (self.amplitude * np.sin(phase)).astype(np.float32)
 
     def describe(self) -> ModelDescription:
-        return ModelDescription(type=self.name, name=self.name, inputs={}, action_size=self.action_size,
+        return ModelDescription(type=self.name, name=self.name, inputs=self.inputs, action_size=self.action_size,
                                 chunk_size=self.chunk, scripted=True)
 
     def run(self, requests: list[ObservationRequest]) -> BatchResult:
