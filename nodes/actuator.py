@@ -14,8 +14,8 @@ from another model than the one checked): a mismatch is one error that
 names the fix, and the node exits (EXIT_PERMANENT) instead of sending the GPU host 30 bad
 requests a second. While the service has no worker it asks twice a second, which the
 broker counts as a robot waiting for the service (for an autoscaler that starts workers
-from zero). Whatever goes wrong later (a silent broker, a silent camera) is named in a warning at once and then at
-most every WARN_EVERY seconds, while the arm holds.
+from zero). Whatever goes wrong later (a silent broker, a silent camera) is named in a
+warning at once and then at most every WARN_EVERY seconds, while the arm holds.
 
 The task its requests carry (language-conditioned policies need one) can change while it
 runs: `chunkbus task` asks on the actuator's control socket, answered between two ticks.
@@ -143,7 +143,7 @@ class Actuator:
         self.history: deque[Observation] = deque(maxlen=64)
         self.outstanding: tuple[str, int, float] | None = None  # request id, tick, send time
         self.round_trips: deque[float] = deque(maxlen=50)
-        self.sent_frames: dict[str, tuple] = {}  # per camera input: (the frame, as it was last sent)
+        self.sent_frames: dict[tuple, tuple] = {}  # (camera input, id of a frame) -> (the frame, as sent)
         self.request_bytes = 0  # of the last request, and its observations
         self.observations_sent = 1
         self.round_trip_histogram = Histogram.empty()  # every round trip, for /metrics
@@ -450,7 +450,7 @@ class Actuator:
             fps=self.config.fps,
             send_time=now,
             task=self.config.task,
-            observations=[self.outgoing(o) for o in list(self.history)[-steps:]],
+            observations=self.outgoing(list(self.history)[-steps:]),
             priority=self.config.priority,
             ttl=self.config.ttl,
             replace_key=self.config.robot_id,
@@ -470,19 +470,23 @@ class Actuator:
         self.outstanding = (request.request_id, tick, now)
         self.counts["requests"] += 1
 
-    def outgoing(self, observation: Observation) -> Observation:
-        """The observation as it is sent: its frames fitted and encoded as --send-size and
-        --send-encoding say (each frame once: a history shares them between requests)."""
-        images = {}
-        for key, image in observation.images.items():
-            cached = self.sent_frames.get(key)
-            if cached is None or cached[0] is not image:
-                feature = self.model.inputs.get(key) if self.config.send_size == "model" else None
-                size = tuple(feature.shape[1:]) if feature is not None and feature.type == "VISUAL" else None
-                cached = (image, for_sending(image, size, self.config.send_encoding, self.config.jpeg_quality))
-                self.sent_frames[key] = cached
-            images[key] = cached[1]
-        return Observation(observation.tick, observation.time, observation.state, images)
+    def outgoing(self, observations: list[Observation]) -> list[Observation]:
+        """The observations as they are sent: their frames fitted and encoded as --send-size and
+        --send-encoding say, each frame once (consecutive requests share a history's frames)."""
+        converted, sent = {}, []
+        for observation in observations:
+            images = {}
+            for key, image in observation.images.items():
+                known = self.sent_frames.get((key, id(image)))
+                if known is None or known[0] is not image:
+                    feature = self.model.inputs.get(key) if self.config.send_size == "model" else None
+                    size = tuple(feature.shape[1:]) if feature is not None and feature.type == "VISUAL" else None
+                    known = (image, for_sending(image, size, self.config.send_encoding, self.config.jpeg_quality))
+                converted[key, id(image)] = known
+                images[key] = known[1]
+            sent.append(Observation(observation.tick, observation.time, observation.state, images))
+        self.sent_frames = converted  # only what this request used: the next one shares most of it
+        return sent
 
     def guidance(self, tick: int) -> tuple[np.ndarray | None, int | None]:
         """rtc: what this actuator will command from `tick` on (the prefix the chunk is guided

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,9 +70,8 @@ class Robot:
             wait_for(lambda: not self.running(), timeout=within, what="every node to stop")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still running: {self.running()}") from None
-        time.sleep(0.3)  # the last messages on their way
-        last = self.states[-1].message
-        assert last.holding, "the arm's last state does not say it holds"
+        # The arm's last message may still be on its way to this (busy) test process: wait for it.
+        wait_for(lambda: self.states[-1].message.holding, timeout=3.0, what="the arm's last state saying it holds")
         assert any(not r.message.holding for r in self.states), "the arm never moved"
 
     def close(self) -> None:
