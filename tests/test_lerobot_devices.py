@@ -58,7 +58,7 @@ def test_a_robot_config_file_drives_the_arm_and_options_override_it(calibration_
                 "--id", "test_arm", "--max-step", "5"]
 
     check_drives_the_arm(processes, command)
-    lines = "".join(processes.started[0].log_lines)
+    lines = "".join(processes.started[-1].log_lines)
     assert "the robot config's cameras are not used" in lines and '"front"' in lines
 
 
