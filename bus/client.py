@@ -121,10 +121,7 @@ class BrokerClient:
         """Send one MDP request; waits up to connect_timeout for a connected broker. Returns the
         body's bytes. Raises BrokerRefused as soon as the handshake fails, BrokerUnavailable
         after the timeout."""
-        deadline = time.monotonic() + self.connect_timeout
-        writable = zmq.Poller()
-        writable.register(self.socket, zmq.POLLOUT)
-        writable.register(self.handshakes.monitor, zmq.POLLIN)
+        deadline, writable = time.monotonic() + self.connect_timeout, None
         while not self.socket.poll(0, zmq.POLLOUT):
             self._watch_link()
             if self.handshakes.problem is not None:
@@ -135,6 +132,10 @@ class BrokerClient:
                     f"no broker at {self.broker} within {self.connect_timeout:.1f} s: "
                     "is it running, and is the address right (tcp://HOST:5555)?"
                 )
+            if writable is None:  # only while not connected: a connected send polls nothing more
+                writable = zmq.Poller()
+                writable.register(self.socket, zmq.POLLOUT)
+                writable.register(self.handshakes.monitor, zmq.POLLIN)
             writable.poll(remaining * 1000)
         self.socket.send_multipart(mdp.client_to_broker(service, body), copy=False)
         return sum(memoryview(frame).nbytes for frame in body)
