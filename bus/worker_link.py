@@ -13,6 +13,7 @@ worker stops and says why (`problem`).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -25,6 +26,19 @@ from .security import ClientKeys, Handshakes
 from .sockets import drain
 
 _PIPE = "inproc://chunkbus-worker-{}"
+
+
+def take_batch(pipe: zmq.Socket, max_batch: int, timeout: float = 0.5) -> list[list]:
+    """The requests waiting on `pipe`, as one batch. The broker gives several at once, each
+    ticket saying how many more follow: wait for the rest too, up to `timeout` (past that a
+    reconnection lost them: run what came)."""
+    batch = list(itertools.islice(drain(pipe), max_batch))
+    deadline = time.monotonic() + timeout
+    while batch and len(batch) < max_batch and mdp.following(batch[-1][0].bytes):
+        if not pipe.poll(max(0.0, deadline - time.monotonic()) * 1000, zmq.POLLIN):
+            break
+        batch += itertools.islice(drain(pipe), max_batch - len(batch))
+    return batch
 
 
 class LinkFailed(RuntimeError):

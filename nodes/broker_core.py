@@ -8,11 +8,13 @@ never earlier than the round being served), first-in first-out within a round (a
 request keeps its place). So one robot that floods the broker delays another by at most the
 work already running, a robot's own requests stay in order, and a robot may hold at most
 `max_per_robot` requests at once. A robot is its key's identity when CURVE is on,
-else its robot id; replace keys are its own. A request goes to the worker with the most
-free capacity, the least recently used among equals. The promises: every request gets exactly
-one Answer (the worker's reply, or an error code that says why not); nothing is dispatched
-after its answer; a reply to a request already answered, or given to another worker, is
-discarded and counted in `late_replies`.
+else its robot id; replace keys are its own. Only a worker running nothing is given work,
+as many requests as its capacity at once (they run as one batch), so a request never waits
+at a worker behind another: the idle worker with the most capacity first, the least
+recently used among equals, spreading the queue over idle workers before filling batches.
+The promises: every request gets exactly one Answer (the worker's reply, or an error code
+that says why not); nothing is dispatched after its answer; a reply to a request already
+answered, or given to another worker, is discarded and counted in `late_replies`.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class WorkerSlot:
     info: WorkerInfo
     expiry: float  # dropped if nothing is heard from it by then
     last_used: float = 0.0
-    turn: int = 0  # number of the ticket it was last given: orders LRU even within one `now`
+    turn: int = 0  # when it was last given a request (a count): orders LRU even within one `now`
     running: dict[bytes, Request] = field(default_factory=dict)
 
     @property
@@ -345,20 +347,19 @@ class Scheduler:
             self.services[name] = Service(name)
         return self.services[name]
 
-    def _set_running(self, request: Request, worker: WorkerSlot | None) -> None:
-        """Give `request` to `worker`, or take it back (None): the one place that changes
-        the two running maps, per worker and for all, so that they always agree."""
+    def _set_running(self, request: Request, worker: WorkerSlot | None, following: int = 0) -> None:
+        """Give `request` to `worker` (with `following` more of its batch after it), or take it
+        back (None): the one place that changes the two running maps, per worker and for all,
+        so that they always agree."""
         if request.worker is not None:
             del request.worker.running[request.ticket]
             del self.running[request.ticket]
             request.state, request.worker, request.ticket = State.QUEUED, None, b""
         if worker is not None:
-            turn = next(self._tickets)
             request.state, request.worker = State.RUNNING, worker
-            request.ticket = turn.to_bytes(8, "big")
+            request.ticket = mdp.batch_ticket(next(self._tickets), following)
             worker.running[request.ticket] = request
             self.running[request.ticket] = request
-            worker.turn = turn
 
     def _enqueue(self, service: Service, request: Request) -> None:
         request.state = State.QUEUED
@@ -387,13 +388,18 @@ class Scheduler:
         return None
 
     def _dispatch(self, service: Service, now: float, out: list[Output]) -> list[Output]:
-        """Give queued requests to free workers; appends to `out` and returns it."""
-        while service.queued:
-            worker = max(
-                (w for w in service.workers.values() if w.free > 0),
-                key=lambda w: (w.free, -w.turn),
-                default=None,
-            )
+        """Give queued requests to idle workers; appends to `out` and returns it.
+
+        Only a worker running nothing is given work, up to its capacity at once (one batch).
+        A request given to a busy worker would wait there, out of the broker's reach: a
+        higher-priority request arriving later would queue behind it, and it could no longer
+        be superseded, expire, or go to another worker that frees up first.
+        """
+        idle = [w for w in service.workers.values() if not w.running]
+        batches: dict[WorkerSlot, list[Request]] = {}
+        while service.queued:  # plan: one request at a time to the idle worker with most room
+            worker = max((w for w in idle if w.free > len(batches.get(w, ()))),
+                         key=lambda w: (w.free - len(batches.get(w, ())), -w.turn), default=None)
             if worker is None:
                 break
             request = self._pop_next(service)
@@ -402,13 +408,17 @@ class Scheduler:
             if request.expires is not None and now >= request.expires:
                 out.append(self._answer(request, "expired", "its ttl passed before a worker was free"))
                 continue
-            self._set_running(request, worker)
-            self.serving = max(self.serving, request.round)
-            request.attempts += 1
-            request.dispatched = worker.last_used = now
-            service.queue_wait.append(now - request.received)
-            service.queue_wait_histogram.observe(now - request.received)
-            out.append(Dispatch(worker.identity, request.ticket, request.body))
+            batches.setdefault(worker, []).append(request)
+            worker.turn = next(self._tickets)
+        for worker, batch in batches.items():  # each worker's batch back to back, numbered
+            for position, request in enumerate(batch):
+                self._set_running(request, worker, following=len(batch) - 1 - position)
+                self.serving = max(self.serving, request.round)
+                request.attempts += 1
+                request.dispatched = worker.last_used = now
+                service.queue_wait.append(now - request.received)
+                service.queue_wait_histogram.observe(now - request.received)
+                out.append(Dispatch(worker.identity, request.ticket, request.body))
         return out
 
     def _answer(self, request: Request, outcome: str, why: str = "", reply: list | None = None) -> Answer:

@@ -4,13 +4,12 @@ Two threads. The link thread (bus/worker_link.py) owns the DEALER socket: it reg
 (READY), sends and answers heartbeats, passes requests on, sends replies, and when the
 broker falls silent it closes the socket, opens a new one and registers again (ZeroMQ's
 reconnect alone would not re-register). The main thread runs the model, so a long inference
-never looks like a dead worker. Requests that wait when the model becomes free run
-together as one batch, up to the capacity announced in READY (--max-batch).
+never looks like a dead worker. The broker gives an idle worker up to the capacity it
+announced in READY (--max-batch) at once; those requests run together as one batch.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 
@@ -23,8 +22,7 @@ from ..bus.log import get_logger
 from ..bus.messages import ActionChunk, ErrorReply, ObservationRequest
 from ..bus.schema import MessageError
 from ..bus.security import ClientKeys
-from ..bus.sockets import drain
-from ..bus.worker_link import WorkerLink
+from ..bus.worker_link import WorkerLink, take_batch
 from .policies import Policy
 
 
@@ -51,7 +49,7 @@ class Worker:
                 if not pipe.poll(100, zmq.POLLIN):
                     self.link.check()
                     continue
-                batch = list(itertools.islice(drain(pipe), self.max_batch))  # what waited: one batch
+                batch = take_batch(pipe, self.max_batch)  # what the broker gave at once: one batch
                 for ticket, reply in self.serve(batch):
                     pipe.send_multipart([ticket, *encode(reply)], copy=False)
         finally:

@@ -8,6 +8,10 @@
                          without a broker (same payload; the worker is a bare echo in both)
   high_priority_p99_us   p99 round trip of priority-10 requests sent one at a time while
   low_priority_p99_us    priority-0 requests keep the four workers (20 ms per request) busy
+  high_priority_wait_p99_us  of that round trip, the part not spent on the worker
+  service_time_us        the low-priority requests' time on the worker, p50
+  batching               the same three high-priority figures with four workers that run
+                         batches of up to 4 (--max-batch 4, 20 ms a batch)
 
 Its last line is JSON with these figures.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -26,7 +31,7 @@ import time
 import numpy as np
 import zmq
 
-from chunkbus.bus import Observation, ObservationRequest, encode
+from chunkbus.bus import Observation, ObservationRequest, decode, encode
 from chunkbus.bus.client import BrokerClient
 from chunkbus.launch.process import NodeProcess
 
@@ -91,8 +96,8 @@ class Cluster:
                           "--max-queue", "1000", "--max-per-robot", "1000", *options)
         return ready["frontend"], ready["backend"]
 
-    def worker(self, backend: str, policy: str, service: str) -> None:
-        self.node("worker", "--broker", backend, "--policy", policy, "--service", service)
+    def worker(self, backend: str, policy: str, service: str, *options: str) -> None:
+        self.node("worker", "--broker", backend, "--policy", policy, "--service", service, *options)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -155,41 +160,58 @@ def broker_overhead(cluster: Cluster, frontend: str, backend: str, count: int) -
             "round_trip_p99_us": b99, "direct_p50_us": d50, "direct_p99_us": d99}
 
 
-def priorities(frontend: str, seconds: float) -> dict:
+def worker_seconds(body: list) -> float:
+    """The time a reply's request spent on its worker: decoding and inference, from its timings."""
+    timings = decode(body).timings
+    return timings.get("decode", 0.0) + timings.get("inference", 0.0)
+
+
+def priorities(frontend: str, service: str, seconds: float, in_flight: int) -> dict:
+    """Priority-10 requests one at a time while priority-0 ones keep every worker busy.
+
+    A high-priority request's wait is its round trip less its own time on the worker: with
+    every worker busy it must wait for some running work to end (no preemption), so the
+    floor is up to one service time, and the aim is at most one service time plus 5 ms."""
     stop = threading.Event()
     low_latencies: list[float] = []
+    low_service: list[float] = []
 
     def low_load():
         body = encode(small_request("low", priority=0))
         with BrokerClient(frontend) as client:
             sent: list[float] = []
-            for _ in range(16):  # four workers, four deep each: always a queue
-                client.send_frames("slow", body)
+            for _ in range(in_flight):  # more than the workers take: always a queue
+                client.send_frames(service, body)
                 sent.append(time.perf_counter())
             while not stop.is_set():
-                if client.receive_frames(5.0) is None:
+                if (reply := client.receive_frames(5.0)) is None:
                     break
                 low_latencies.append((time.perf_counter() - sent.pop(0)) * 1e6)
-                client.send_frames("slow", body)
+                low_service.append(worker_seconds(reply[1]) * 1e6)
+                client.send_frames(service, body)
                 sent.append(time.perf_counter())
 
     thread = threading.Thread(target=low_load)
     thread.start()
     time.sleep(0.5)
-    high = []
+    high, waits = [], []
     with BrokerClient(frontend) as client:
         body = encode(small_request("high", priority=10))
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             start = time.perf_counter()
-            client.send_frames("slow", body)
-            if client.receive_frames(5.0) is None:
+            client.send_frames(service, body)
+            if (reply := client.receive_frames(5.0)) is None:
                 raise RuntimeError("a high-priority request was not answered")
             high.append((time.perf_counter() - start) * 1e6)
+            waits.append(high[-1] - worker_seconds(reply[1]) * 1e6)
+            time.sleep(random.uniform(0, 0.01))  # arrive at any point of the workers' runs
     stop.set()
     thread.join()
     return {
         "high_priority_p99_us": float(np.percentile(high, 99)),
+        "high_priority_wait_p99_us": float(np.percentile(waits, 99)),
+        "service_time_us": float(np.percentile(low_service, 50)),
         "low_priority_p99_us": float(np.percentile(low_latencies, 99)),
         "high_priority_p50_us": float(np.percentile(high, 50)),
         "low_priority_p50_us": float(np.percentile(low_latencies, 50)),
@@ -208,20 +230,31 @@ def main() -> None:
         for _ in range(4):
             cluster.worker(backend, "scripted:constant?chunk=1&actions=6", "scripted")
             cluster.worker(backend, "scripted:constant?chunk=1&actions=6&delay=0.02", "slow")
+            cluster.worker(backend, "scripted:constant?chunk=1&actions=6&delay=0.02", "slow-batch", "--max-batch", "4")
         with BrokerClient(frontend) as client:
-            wait_for_workers(client, "scripted", 4)
-            wait_for_workers(client, "slow", 4)
+            for service in ("scripted", "slow", "slow-batch"):
+                wait_for_workers(client, service, 4)
         figures = {"req_per_s": throughput(frontend, args.seconds)}
         print(f"throughput: {figures['req_per_s']:.0f} requests/s through four scripted workers")
         figures.update(broker_overhead(cluster, frontend, backend, args.count))
         print(f"broker adds p50 {figures['p50_us']:.0f} us, p99 {figures['p99_us']:.0f} us "
               f"(round trip p50 {figures['round_trip_p50_us']:.0f} us vs {figures['direct_p50_us']:.0f} us direct)")
-        figures.update(priorities(frontend, args.seconds))
-        print(f"under low-priority saturation: high-priority p99 {figures['high_priority_p99_us'] / 1000:.1f} ms, "
-              f"low-priority p99 {figures['low_priority_p99_us'] / 1000:.1f} ms")
+        figures.update(priorities(frontend, "slow", args.seconds, in_flight=16))
+        batching = priorities(frontend, "slow-batch", args.seconds, in_flight=32)
+        figures["batching"] = {k: v for k, v in batching.items() if not k.startswith("low_")}
+        for name, case in (("one request a worker", figures), ("--max-batch 4", figures["batching"])):
+            print(f"under low-priority saturation ({name}): high-priority p99 {case['high_priority_p99_us'] / 1000:.1f}"
+                  f" ms, its wait p99 {case['high_priority_wait_p99_us'] / 1000:.1f} ms, service time "
+                  f"{case['service_time_us'] / 1000:.1f} ms")
     finally:
         cluster.stop()
-    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
+    print(json.dumps(rounded(figures)))
+
+
+def rounded(figures):
+    if isinstance(figures, dict):
+        return {k: rounded(v) for k, v in figures.items()}
+    return round(figures, 1) if isinstance(figures, float) else figures
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ def test_bench_broker_reports_every_figure():
     for key in ("req_per_s", "p50_us", "p99_us", "high_priority_p99_us", "low_priority_p99_us"):
         assert key in figures
     assert figures["req_per_s"] > 0 and figures["high_priority_requests"] > 0
+    for case in (figures, figures["batching"]):
+        # the scripted workers' 20 ms, and a wait that excludes it
+        assert 20_000 <= case["service_time_us"] < case["high_priority_p99_us"]
+        assert case["high_priority_wait_p99_us"] < case["high_priority_p99_us"]
 
 
 def test_bench_jitter_reports_both_rates():

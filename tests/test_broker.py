@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -14,8 +15,9 @@ import pytest
 import zmq
 from mdp_peers import CHUNKBUS, RawClient, RawWorker, kill, start_broker, start_worker, wait_for
 
-from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationRequest, decode
+from chunkbus.bus import ActionChunk, ErrorReply, Observation, ObservationRequest, decode, mdp
 from chunkbus.bus.client import BrokerClient, RequestFailed
+from chunkbus.bus.worker_link import take_batch
 
 
 def request(request_id: str, tick: int = 0, priority: int = 0, ttl=None, key=None, robot="robot") -> ObservationRequest:
@@ -130,22 +132,36 @@ def test_a_full_queue_rejects_at_once(processes):
         worker.close()
 
 
-def test_capacity_and_least_recently_used_balancing(broker, client):
+def test_a_worker_is_given_work_only_when_idle_as_many_as_its_capacity(broker, client):
     workers = [RawWorker(broker.backend, "svc", {"capacity": c, "name": f"w{c}"}) for c in (1, 2, 3)]
     wait_for(lambda: registered(client, "svc", 3), what="three workers")
     for i in range(7):
         client.send("svc", request(f"r{i}"))
-    # Most free capacity first, least recently used among equals: w3 w2 w3 w1 w2 w3.
-    held = [[request_id_of(b) for b in w.receive(count=c, timeout=3)] for w, c in zip(workers, (1, 2, 3))]
-    assert held == [["r3"], ["r1", "r4"], ["r0", "r2", "r5"]]
+    # The idle worker with the most capacity first; a busy one is given nothing more.
+    held = [[request_id_of(b) for b in w.receive(timeout=3)] for w in workers]
+    assert held == [["r2"], ["r1"], ["r0"]]
     status = client.status().services["svc"]
-    assert (status.queued, status.running, status.capacity) == (1, 6, 6)
+    assert (status.queued, status.running, status.capacity) == (4, 3, 6)
     for w in workers:
-        assert w.receive(timeout=0.3) == []  # nobody is given more than its capacity
-    workers[1].answer()
-    assert [request_id_of(b) for b in workers[1].receive()] == ["r6"]
+        assert w.receive(timeout=0.3) == []  # busy: the rest wait at the broker
+    workers[2].answer()  # idle again: a batch as large as its capacity
+    assert [request_id_of(b) for b in workers[2].receive(count=3)] == ["r3", "r4", "r5"]
     for w in workers:
         w.close()
+
+
+def test_a_high_priority_request_never_waits_behind_a_low_one_at_a_worker(broker, client):
+    worker = RawWorker(broker.backend, "svc", {"capacity": 2, "name": "batching"})
+    wait_for(lambda: registered(client, "svc"), what="worker registration")
+    client.send("svc", request("low1"))
+    assert [request_id_of(b) for b in worker.receive()] == ["low1"]
+    for name, priority in (("low2", 0), ("low3", 0), ("high", 10)):
+        client.send("svc", request(name, priority=priority))
+    wait_for(lambda: client.status().services["svc"].queued == 3, what="three queued")
+    assert worker.receive(timeout=0.3) == []  # it has a free slot, but it is running low1
+    worker.answer()
+    assert [request_id_of(b) for b in worker.receive(count=2)] == ["high", "low2"]
+    worker.close()
 
 
 def test_equal_workers_take_turns(broker, client):
@@ -174,8 +190,27 @@ def test_worker_batches_the_requests_that_waited(broker, client, processes):
         client.send("svc", request(f"later{i}"))
     got = answers(client, 5, timeout=10)
     sizes = {rid: m.timings["batch_size"] for rid, m in got.items()}
-    # Capacity 4: three wait in the worker and run as one batch; the fourth waits in the broker.
-    assert sizes == {"first": 1, "later0": 3, "later1": 3, "later2": 3, "later3": 1}
+    # They wait in the broker while the first runs, then run as one batch (its capacity, 4).
+    assert sizes == {"first": 1, "later0": 4, "later1": 4, "later2": 4, "later3": 4}
+
+
+def test_a_worker_waits_for_the_rest_of_the_batch_the_broker_gave_at_once():
+    context = zmq.Context.instance()
+    link, pipe = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    link.bind("inproc://take-batch")
+    pipe.connect("inproc://take-batch")
+    try:
+        link.send_multipart([mdp.batch_ticket(1, 2), b"first"])  # two more follow, a moment later
+        later = threading.Timer(0.05, lambda: [link.send_multipart([mdp.batch_ticket(n, 2 - n), b"later"])
+                                               for n in (1, 2)])
+        later.start()
+        assert [len(take_batch(pipe, 4, timeout=10))] == [3]
+        later.join()
+        link.send_multipart([mdp.batch_ticket(4, 1), b"alone"])  # its batch's rest was lost
+        assert [body[1].bytes for body in take_batch(pipe, 4, timeout=0.05)] == [b"alone"]
+    finally:
+        link.close(linger=0)
+        pipe.close(linger=0)
 
 
 def test_a_dead_worker_is_noticed_and_its_requests_run_elsewhere(broker, client):

@@ -194,20 +194,45 @@ def test_a_full_queue_rejects_at_once():
     assert not any(isinstance(o, Accepted) and o.body == [b"q3"] for o in out)  # taps never see it
 
 
-def test_capacity_and_least_recently_used_balancing():
+def test_a_worker_is_given_work_only_when_idle_as_many_as_its_capacity():
     core = scheduler()
     out = []
     for capacity in (1, 2, 3):
         out += join(core, f"w{capacity}", 0.0, capacity=capacity)
     for i in range(7):
         out += ask(core, f"r{i}", 1.0 + i)
-    # Most free capacity first, least recently used among equals: w3 w2 w3 w1 w2 w3.
-    assert dispatched(out) == [
-        ("w3", "r0"), ("w2", "r1"), ("w3", "r2"), ("w1", "r3"), ("w2", "r4"), ("w3", "r5"),
-    ]
-    assert core.services["svc"].queued == 1
-    assert all(len(w.running) == w.info.capacity for w in core.workers.values())
-    assert dispatched(core.reply(b"w2", ticket_of(out, "r1"), [b"ok"], 9.0)) == [("w2", "r6")]
+    # The idle worker with the most capacity first; a busy one gets nothing, free slots or not.
+    assert dispatched(out) == [("w3", "r0"), ("w2", "r1"), ("w1", "r2")]
+    assert core.services["svc"].queued == 4
+    assert all(len(w.running) == 1 for w in core.workers.values())
+    # Idle again: a batch as large as its capacity, in queue order.
+    batch = finish(core, "w3", 9.0)
+    assert dispatched(batch) == [("w3", "r3"), ("w3", "r4"), ("w3", "r5")]
+    assert [mdp.following(o.ticket) for o in batch if isinstance(o, Dispatch)] == [2, 1, 0]
+    assert dispatched(finish(core, "w2", 9.5)) == [("w2", "r6")]
+
+
+def test_a_high_priority_request_never_waits_behind_a_low_one_at_a_worker():
+    core = scheduler()
+    join(core, "w", 0.0, capacity=2)
+    ask(core, "low1", 1.0)
+    out = ask(core, "low2", 1.1) + ask(core, "low3", 1.2) + ask(core, "high", 1.3, priority=10)
+    assert dispatched(out) == []  # w runs low1: a second request would wait there
+    assert dispatched(finish(core, "w", 2.0)) == [("w", "high"), ("w", "low2")]
+
+
+def test_requests_spread_over_idle_workers_before_filling_a_batch():
+    core = scheduler(max_attempts=2)
+    for i in range(3):
+        ask(core, f"r{i}", float(i))
+    assert dispatched(join(core, "a", 5.0, capacity=4)) == [("a", "r0"), ("a", "r1"), ("a", "r2")]
+    join(core, "b", 6.0, capacity=2)
+    join(core, "c", 6.0, capacity=2)
+    # a is lost: its three requests go to the two idle workers, one each before a second;
+    # each worker's batch is sent back to back, each ticket saying how many more follow it.
+    out = core.remove_worker(b"a", "it disconnected", 7.0)
+    assert dispatched(out) == [("b", "r0"), ("b", "r2"), ("c", "r1")]
+    assert [mdp.following(o.ticket) for o in out if isinstance(o, Dispatch)] == [1, 0, 0]
 
 
 def test_least_recently_used_also_among_workers_used_at_the_same_instant():
@@ -227,7 +252,7 @@ def test_a_lost_workers_requests_are_requeued_in_their_arrival_order():
     out = join(core, "dies", 0.0, capacity=2) + ask(core, "first", 1.0) + ask(core, "second", 2.0)
     out += ask(core, "third", 3.0)
     lost = core.remove_worker(b"dies", "it disconnected", 4.0)
-    assert lost == [Removed("dies", "svc", "it disconnected", 2)]
+    assert lost == [Removed("dies", "svc", "it disconnected", 1)]  # busy with "first": given no more
     assert core.services["svc"].queued == 3 and core.running == {}
     assert [rid for _, rid in dispatched(join(core, "healthy", 5.0, capacity=3))] == ["first", "second", "third"]
 
@@ -326,6 +351,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.workers = 0
 
     def apply(self, outputs: list) -> None:
+        given: dict[bytes, set[bytes]] = {}
+        for out in outputs:
+            if isinstance(out, Dispatch):
+                given.setdefault(out.worker, set()).add(out.ticket)
+        for identity, tickets in given.items():  # a worker is given work only when it runs nothing
+            if identity in self.core.workers:
+                assert set(self.core.workers[identity].running) <= tickets
         for out in outputs:
             if isinstance(out, Dispatch):
                 rid = out.body[0].decode()
