@@ -15,7 +15,7 @@ at its next message (a worker at once).
 
 from __future__ import annotations
 
-import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from ..bus.messages import ErrorReply, Stats
 from ..bus.records import BrokerStatus
 from ..bus.schema import MessageError
 from ..bus.security import AllowList, ZapHandler, make_server, read_key_pair
-from ..bus.sockets import Publisher, drain
+from ..bus.sockets import Publisher, send_frames, waiting_messages
 from .broker_core import Accepted, Answer, Dispatch, Removed, Scheduler, SchedulerConfig, ToWorker
 
 
@@ -48,6 +48,7 @@ class BrokerConfig(SchedulerConfig):  # the scheduler's settings, and where the 
 
 
 WAITING_WINDOW = 5.0  # seconds a client that asked for a service without a worker counts as waiting
+DRAIN_LIMIT = 1000  # messages taken from one socket before the other's turn: neither starves
 
 
 class BrokerSetupError(ValueError):
@@ -126,10 +127,12 @@ class Broker:
         try:
             while not self.stop_event.is_set():
                 wake = min(next_heartbeat, self.core.next_expiry())
-                events = dict(poller.poll(max(0, min(wake - time.monotonic(), interval)) * 1000))
+                # Whole milliseconds, rounded up: zmq_poll takes an int, and a timeout truncated to
+                # 0 would spin the loop through the last millisecond before every deadline.
+                events = dict(poller.poll(math.ceil(max(0, min(wake - time.monotonic(), interval)) * 1000)))
                 for socket, handle in handlers:
-                    if socket in events:  # a bounded drain: a busy socket cannot starve the other
-                        for frames in itertools.islice(drain(socket), 1000):
+                    if socket in events:
+                        for frames in waiting_messages(socket, DRAIN_LIMIT):
                             handle(frames)
                 now = time.monotonic()
                 self.send(self.core.expire(now))
@@ -161,15 +164,14 @@ class Broker:
         for out in outputs:
             if isinstance(out, Dispatch):
                 frames = mdp.broker_to_worker(out.worker, mdp.REQUEST, ticket=out.ticket, body=out.body)
-                self.backend.send_multipart(frames, copy=False)
+                send_frames(self.backend, frames)
             elif isinstance(out, Answer):
                 body = out.reply
                 if body is None:
                     body = encode(ErrorReply(out.request_id, out.outcome, out.why, out.robot_id))
                     self.log.debug("answered", code=out.outcome, request_id=out.request_id, why=out.why)
                 self.captured("reply", out.service, body)
-                frames = mdp.broker_to_client(out.client, out.service, body)
-                self.frontend.send_multipart(frames, copy=False)
+                send_frames(self.frontend, mdp.broker_to_client(out.client, out.service, body))
             elif isinstance(out, Accepted):
                 self.captured("request", out.service, out.body)
             elif isinstance(out, ToWorker):

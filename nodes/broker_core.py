@@ -301,7 +301,10 @@ class Scheduler:
         return out
 
     def next_expiry(self) -> float:
-        """When expire() may next have something to do (inf: never)."""
+        """When expire() may next have something to do (inf: never). The entries of requests
+        no longer queued are dropped first: the broker would wake for each one for nothing."""
+        while self.expiries and self.expiries[0][2].state is not State.QUEUED:
+            heapq.heappop(self.expiries)
         return self.expiries[0][0] if self.expiries else math.inf
 
     def shutdown(self) -> list[Output]:

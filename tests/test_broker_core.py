@@ -3,6 +3,7 @@ every call takes the time, and what the broker would send is returned as data.""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from hypothesis import strategies as st
@@ -158,6 +159,16 @@ def test_a_queued_request_expires_at_its_ttl_and_never_runs():
     assert (answer.request_id, answer.outcome) == ("short", "expired")
     assert "ttl passed" in answer.why
     assert dispatched(core.reply(b"w", ticket_of(out, "busy"), [b"ok"], 5.0)) == []
+
+
+def test_the_broker_is_not_woken_for_the_ttl_of_a_request_no_longer_queued():
+    core = scheduler()
+    join(core, "w", 0.0)
+    ask(core, "runs", 0.0, ttl=0.5)  # dispatched at once
+    ask(core, "queued", 0.1, ttl=0.8)
+    assert core.next_expiry() == 0.9
+    finish(core, "w", 0.2)  # "queued" runs now
+    assert core.next_expiry() == math.inf
 
 
 def test_an_expired_request_is_answered_rather_than_dispatched_when_a_worker_frees_up():
