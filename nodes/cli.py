@@ -337,6 +337,12 @@ def arm(log: LogOptions, driver, robot_type, robot_option, robot_config, port, r
               help="Serve this robot's round trips, holds and counts for Prometheus on this HTTP port (/metrics).")
 @click.option("--metrics-host", default="127.0.0.1",
               help="The address the metrics port binds: 0.0.0.0 lets other hosts (a Prometheus) scrape it.")
+@click.option("--realtime", is_flag=True,
+              help="Run the control loop in the real-time scheduling class (SCHED_FIFO), pinned to one CPU, so that "
+                   "other processes cannot delay its ticks; where the system does not permit it, one warning says "
+                   "how to permit it and the loop runs with the normal scheduler.")
+@click.option("--cpu", type=click.IntRange(0), default=None,
+              help="With --realtime: the CPU to pin the control loop to [default: the last this process may use].")
 @curve_options()
 @click.option("--publisher-key", default=None,
               help="The public key of the publishers on another host that --camera-node or --arm name by tcp:// "
@@ -349,6 +355,8 @@ def actuator(log: LogOptions, broker_address, cameras, camera_node, arm_node, cu
     from .actuator import ActuatorConfig, SetupError, serve
 
     log.start(options["name"])
+    if options["cpu"] is not None and not options["realtime"]:
+        raise click.UsageError("--cpu pins the control loop of --realtime: give --realtime too")
     keys = client_keys(curve_secret, peer_key)
     input_keys = client_keys(curve_secret, publisher_key, "--publisher-key", pair_required=False)
     options["robot_id"] = options["robot_id"] or (keys.own.name if keys else "robot")
