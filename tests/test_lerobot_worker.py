@@ -21,7 +21,7 @@ from chunkbus.bus.client import BrokerClient
 from chunkbus.bus.lifecycle import EXIT_PERMANENT
 from chunkbus.nodes.images import letterbox
 from chunkbus.nodes.policies import LoadOptions
-from chunkbus.nodes.policies.lerobot import LerobotPolicy
+from chunkbus.nodes.policies.lerobot import ImageFold, Inputs, LerobotPolicy, fold_images, preprocess
 
 POLICIES = ("act", "diffusion", "vqbet")
 
@@ -247,3 +247,68 @@ def test_a_policy_without_real_time_chunking_ignores_a_prefix_and_says_so(checkp
     result = policy.run([request]).results[0]
     assert result.guided is None and "act cannot guide a chunk" in result.unguided
     np.testing.assert_allclose(result.actions, plain, atol=1e-5)
+
+
+# --- camera frames folded into one pass: what the model gets is what lerobot's pipeline gives --
+
+
+def assert_same_model_inputs(preprocessor, inputs, batch, tasks, fold):
+    """The folded path against lerobot's own (x / 255 as float, then the whole pre-processor)."""
+    assert isinstance(fold, ImageFold), fold
+    theirs = preprocess(preprocessor, inputs, batch, tasks)
+    ours = preprocess(preprocessor, inputs, batch, tasks, fold)
+    for their_step, our_step in zip(theirs, ours, strict=True):
+        assert their_step.keys() == our_step.keys()
+        for key, value in their_step.items():
+            assert our_step[key].dtype == value.dtype and our_step[key].shape == value.shape, key
+            assert our_step[key].is_contiguous(), key
+            torch.testing.assert_close(our_step[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def random_batch(inputs, members: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [[(rng.standard_normal(inputs.state_size).astype(np.float32),
+              {k: rng.integers(0, 256, (h, w, c), dtype=np.uint8) for k, (c, h, w) in inputs.image_shapes.items()})
+             for _ in range(inputs.n_obs_steps)] for _ in range(members)]
+
+
+@pytest.mark.parametrize("mode", ["MEAN_STD", "MIN_MAX", "IDENTITY", "QUANTILES"])
+def test_folded_images_are_what_lerobots_normaliser_makes_of_them(mode):
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+    from lerobot.policies import make_policy_config, make_pre_post_processors
+
+    features = {"observation.state": PolicyFeature(FeatureType.STATE, (6,))}
+    features.update({camera: PolicyFeature(FeatureType.VISUAL, (3, 48, 64)) for camera in CAMERAS})
+    config = make_policy_config("act", input_features=features, device="cpu", pretrained_backbone_weights=None,
+                                output_features={"action": PolicyFeature(FeatureType.ACTION, (6,))},
+                                normalization_mapping={"VISUAL": NormalizationMode(mode), "STATE": "MEAN_STD",
+                                                       "ACTION": "MEAN_STD"})
+    vector = {"mean": torch.ones(6), "std": torch.full((6,), 2.0)}
+    image = {"mean": torch.tensor([0.2, 0.5, 0.7]), "std": torch.tensor([0.1, 0.3, 0.05]),
+             "min": torch.tensor([0.0, 0.1, 0.2]), "max": torch.tensor([1.0, 0.8, 0.9]),
+             "q01": torch.tensor([0.05, 0.1, 0.0]), "q99": torch.tensor([0.9, 0.95, 0.7])}
+    stats = {"observation.state": vector, "action": vector, **{camera: image for camera in CAMERAS}}
+    preprocessor, _ = make_pre_post_processors(config, dataset_stats=stats)
+    inputs = Inputs.of(config)
+    fold = fold_images(preprocessor, inputs, "cpu")
+    assert_same_model_inputs(preprocessor, inputs, random_batch(inputs, 2), ["pick"] * 2, fold)
+
+
+@pytest.mark.parametrize("kind", POLICIES)  # ACT and Diffusion normalise images by mean and std; VQBet does not
+def test_a_loaded_checkpoints_model_gets_the_images_lerobots_pipeline_gives(kind, checkpoints):
+    policy = LerobotPolicy(str(checkpoints[kind]))
+    batch = random_batch(policy.inputs, 2, seed=3)
+    assert_same_model_inputs(policy.preprocessor, policy.inputs, batch, ["pick"] * 2, policy.images)
+
+
+def test_a_pre_processor_step_chunkbus_does_not_know_before_the_normaliser_keeps_lerobots_float_images(checkpoints):
+    from lerobot.processor import IdentityProcessorStep
+
+    policy = LerobotPolicy(str(checkpoints["act"]))
+    pipeline = policy.preprocessor
+    steps = list(pipeline.steps)
+    pipeline.steps = [*steps[:1], IdentityProcessorStep(), *steps[1:]]  # it might read or change the images
+    try:
+        assert fold_images(pipeline, policy.inputs, "cpu") == "IdentityProcessorStep runs before the normaliser"
+    finally:
+        pipeline.steps = steps

@@ -27,7 +27,7 @@ from chunkbus.bus.lifecycle import EXIT_PERMANENT
 from chunkbus.bus.sockets import Subscriber
 from chunkbus.nodes.policies import LoadOptions
 from chunkbus.nodes.policies.demo import save_random_smolvla, save_text_tokenizer
-from chunkbus.nodes.policies.lerobot import Inputs, LerobotPolicy, postprocess, preprocess
+from chunkbus.nodes.policies.lerobot import ImageFold, Inputs, LerobotPolicy, fold_images, postprocess, preprocess
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 SMOLVLA_CHUNK = 10  # the tiny SmolVLA's chunk_size
@@ -194,6 +194,28 @@ def batch_of(states: list[np.ndarray]) -> list[list]:
     _, height, width = IMAGE_SHAPE
     return [[(state.astype(np.float32), {c: np.zeros((height, width, 3), np.uint8) for c in CAMERAS})]
             for state in states]
+
+
+@pytest.mark.parametrize("kind", ["smolvla", "pi0", "pi05", "pi0_fast"])
+def test_folded_camera_frames_reach_a_vla_as_lerobots_pipeline_gives_them(kind, loaded, tokenizer):
+    """Their tokenizer and relative-action steps run before the normaliser; images are not normalised."""
+    if kind == "smolvla":
+        preprocessor, inputs, fold = loaded.preprocessor, loaded.inputs, loaded.images
+    else:
+        config = pi_config(kind, use_relative_actions=True)
+        preprocessor, inputs = pi_processors(config, tokenizer)[0], Inputs.of(config)
+        fold = fold_images(preprocessor, inputs, "cpu")
+    assert isinstance(fold, ImageFold), fold
+    rng = np.random.default_rng(0)
+    batch = [[(rng.standard_normal(6).astype(np.float32),
+               {k: rng.integers(0, 256, (h, w, c), dtype=np.uint8) for k, (c, h, w) in inputs.image_shapes.items()})]
+             for _ in range(2)]
+    tasks = ["pick up the cube", "fold the towel"]
+    theirs = preprocess(preprocessor, inputs, batch, tasks)[0]
+    ours = preprocess(preprocessor, inputs, batch, tasks, fold)[0]
+    assert theirs.keys() == ours.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
 def test_pi05_tokenizes_one_prompt_per_batch_member(tokenizer):
