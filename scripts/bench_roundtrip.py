@@ -36,11 +36,20 @@ brokers with the trivial worker, one plaintext and one with CURVE on both ports 
 chunkbus's own key code, as `chunkbus keys new` makes them), asked in turn with the same
 two-camera observation; p50 and p99 of each and the extra.
 
+And what an ipc backend saves where broker and worker share a host (ipc case, chunkbus only):
+a third broker with the trivial worker, its worker on ipc://, asked in turn with the two of
+the curve case; p50 and p99 against the plaintext one (its worker on loopback TCP).
+
+In the overhead case the worker's own stages come from each reply's timings (medians, ms):
+decode, prepare, preprocess, inference, postprocess; the rest of a round trip is transport
+(client, broker, the worker's link thread, both ways).
+
 The last line is JSON: {"overhead": {"chunkbus": {"p50_ms", "p99_ms"}, "lerobot": {...},
-"ratio_p50", "ratio_p99"}, "act": {...}, "jpeg": {"p50_ms", "p99_ms"},
+"ratio_p50", "ratio_p99", "chunkbus_worker_ms": {"decode", ...}}, "act": {...}, "jpeg": {"p50_ms", "p99_ms"},
 "four_clients": {"chunkbus_rps", "lerobot_rps"}, "rtc": {"unguided": {"p50_ms", "p99_ms",
 "inference_p50_ms"}, "guided": {...}, "extra_inference_p50_ms", "extra_round_trip_p50_ms"},
-"curve": {"plain": {"p50_ms", "p99_ms"}, "curve": {...}, "extra_p50_ms", "extra_p99_ms"}}
+"curve": {"plain": {"p50_ms", "p99_ms"}, "curve": {...}, "extra_p50_ms", "extra_p99_ms"},
+"ipc": {"tcp": {"p50_ms", "p99_ms"}, "ipc": {...}, "saved_p50_ms", "saved_p99_ms"}}
 (ratio = LeRobot / chunkbus).
 """
 
@@ -81,15 +90,23 @@ def observation(request_id: str, jpeg: bool = False, seed: int = 0):
                               task="pick up the cube", observations=[Observation(0, now, state, images)])
 
 
-def interleaved(chunkbus_client, lerobot_client, count: int, jpeg: bool = False, warmup: int = 3):
+def warmup(count: int) -> int:
+    """Round trips per side not counted before `count` that are, the same for both sides: 10
+    before the overhead case's 300, 3 before the ACT case's 20 (each 0.6 s on a CPU)."""
+    return max(3, count // 30)
+
+
+def interleaved(chunkbus_client, lerobot_client, count: int, jpeg: bool = False, timings: list | None = None):
     """Round trips taken in turn, chunkbus then LeRobot then LeRobot then chunkbus ..., so
-    that both see the same machine: a slow moment on a shared host hits both alike."""
-    requests = [observation(f"rt-{i}", jpeg, seed=i % 4) for i in range(count + warmup)]
-    ours, theirs = [], []
+    that both see the same machine: a slow moment on a shared host hits both alike. The
+    worker's timings of each counted chunkbus reply go to `timings`."""
+    skip = warmup(count)
+    requests = [observation(f"rt-{i}", jpeg, seed=i % 4) for i in range(count + skip)]
+    ours, theirs, replies = [], [], []
 
     def ours_once(request):
         start = time.perf_counter()
-        chunkbus_client.request("bench", request, timeout=120)
+        replies.append(chunkbus_client.request("bench", request, timeout=120).timings)
         return time.perf_counter() - start
 
     for i, request in enumerate(requests):
@@ -98,11 +115,19 @@ def interleaved(chunkbus_client, lerobot_client, count: int, jpeg: bool = False,
         else:
             their = lerobot_client.round_trip(i) if lerobot_client else None
             pair = (ours_once(request), their)
-        if i >= warmup:
+        if i >= skip:
             ours.append(pair[0])
             if pair[1] is not None:
                 theirs.append(pair[1])
+    if timings is not None:
+        timings += replies[skip:]
     return ours, theirs
+
+
+def worker_stages(timings: list[dict]) -> dict[str, float]:
+    """The median of each stage the worker timed, in ms."""
+    stages = ("decode", "prepare", "preprocess", "inference", "postprocess")
+    return {stage: round(float(np.median([t[stage] for t in timings])) * 1000, 3) for stage in stages}
 
 
 def chunkbus_throughput(frontend: str, clients: int, seconds: float) -> float:
@@ -132,11 +157,14 @@ def chunkbus_throughput(frontend: str, clients: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
-def start_chunkbus(cluster, checkpoint: Path, trivial: bool, keys: Path | None = None) -> str:
-    """A broker and a bench worker (with CURVE when `keys`, a folder from make_keys); returns
-    the broker's frontend."""
+def start_chunkbus(cluster, checkpoint: Path, trivial: bool, keys: Path | None = None, ipc: bool = False) -> str:
+    """A broker and a bench worker (with CURVE when `keys`, a folder from make_keys; the worker
+    on an ipc:// backend when `ipc`); returns the broker's frontend."""
     secured = [] if keys is None else ["--curve-secret", str(keys / "broker.key_secret"), "--no-capture",
                                        "--allow-robots", str(keys / "robots"), "--allow-workers", str(keys / "workers")]
+    if ipc:  # the later --backend is the one the broker takes; a second broker needs its own name
+        runtime = os.environ["CHUNKBUS_RUNTIME_DIR"]
+        secured += ["--backend", f"ipc://{runtime}/broker-ipc.backend", "--name", "broker-ipc"]
     frontend, backend = cluster.broker(*secured)
     args = [sys.executable, str(Path(__file__).parent / "chunkbus_bench_worker.py"), backend, str(checkpoint)]
     if keys is not None:
@@ -157,8 +185,10 @@ def make_keys(folder: Path) -> Path:
     return folder
 
 
-def curve_cost(checkpoint: Path, count: int) -> dict:
-    """The trivial worker behind a plaintext broker and behind a CURVE one, asked in turn."""
+def backend_costs(checkpoint: Path, count: int) -> tuple[dict, dict]:
+    """The trivial worker behind three brokers, asked in turn: plaintext with the worker on
+    loopback TCP, plaintext with it on ipc://, and CURVE on both ports. What CURVE adds, and
+    what ipc saves, against the first."""
     from bench_broker import Cluster
 
     from chunkbus.bus.client import BrokerClient
@@ -168,23 +198,36 @@ def curve_cost(checkpoint: Path, count: int) -> dict:
     cluster = Cluster()
     try:
         plain_frontend = start_chunkbus(cluster, checkpoint, trivial=True)
+        ipc_frontend = start_chunkbus(cluster, checkpoint, trivial=True, ipc=True)
         curve_frontend = start_chunkbus(cluster, checkpoint, trivial=True, keys=keys)
         client_keys = ClientKeys(read_key_pair(keys / "bench.key_secret"), read_public_key(str(keys / "broker.key")))
-        with BrokerClient(plain_frontend) as plain, BrokerClient(curve_frontend, keys=client_keys) as curve:
-            trips: dict[str, list[float]] = {"plain": [], "curve": []}
-            for i in range(count + 3):
-                order = (("plain", plain), ("curve", curve)) if i % 2 else (("curve", curve), ("plain", plain))
-                for kind, client in order:
-                    start = time.perf_counter()
-                    client.request("bench", observation(f"curve-{kind}-{i}", seed=i % 4), timeout=120)
-                    if i >= 3:  # warm-up
-                        trips[kind].append(time.perf_counter() - start)
+        with (BrokerClient(plain_frontend) as plain, BrokerClient(ipc_frontend) as ipc,
+              BrokerClient(curve_frontend, keys=client_keys) as curve):
+            trips = {kind: percentiles(values)
+                     for kind, values in in_turn({"plain": plain, "ipc": ipc, "curve": curve}, count).items()}
     finally:
         cluster.stop()
-    result = {kind: percentiles(values) for kind, values in trips.items()}
+    curve = {"plain": trips["plain"], "curve": trips["curve"]}
+    ipc = {"tcp": trips["plain"], "ipc": trips["ipc"]}
     for stat in ("p50", "p99"):
-        result[f"extra_{stat}_ms"] = round(result["curve"][f"{stat}_ms"] - result["plain"][f"{stat}_ms"], 3)
-    return result
+        curve[f"extra_{stat}_ms"] = round(trips["curve"][f"{stat}_ms"] - trips["plain"][f"{stat}_ms"], 3)
+        ipc[f"saved_{stat}_ms"] = round(trips["plain"][f"{stat}_ms"] - trips["ipc"][f"{stat}_ms"], 3)
+    return curve, ipc
+
+
+def in_turn(clients: dict, count: int) -> dict[str, list[float]]:
+    """Round trips of the same observations through each client in turn (the order alternating),
+    after a warm-up: seconds, by the clients' names."""
+    trips: dict[str, list[float]] = {kind: [] for kind in clients}
+    skip = warmup(count)
+    for i in range(count + skip):
+        order = list(clients.items()) if i % 2 else list(clients.items())[::-1]
+        for kind, client in order:
+            start = time.perf_counter()
+            client.request("bench", observation(f"{kind}-{i}", seed=i % 4), timeout=120)
+            if i >= skip:
+                trips[kind].append(time.perf_counter() - start)
+    return trips
 
 
 def guidance_cost(count: int) -> dict:
@@ -255,15 +298,16 @@ def plot(path: str, samples: dict[str, list[float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200, help="round trips per side, overhead case")
+    parser.add_argument("--count", type=int, default=300, help="round trips per side, overhead case")
     parser.add_argument("--act-count", type=int, default=20, help="round trips per side, ACT case")
     parser.add_argument("--seconds", type=float, default=5.0, help="four-client phase, per side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process, both sides")
     parser.add_argument("--plot", default=None, help="write the latency distribution here (PNG)")
-    parser.add_argument("--quick", action="store_true", help="a few of each (a smoke test)")
+    parser.add_argument("--clients", type=int, default=4, help="clients at once, the throughput case (four_clients)")
+    parser.add_argument("--quick", action="store_true", help="a few of each, two clients at once (a smoke test)")
     args = parser.parse_args()
     if args.quick:
-        args.count, args.act_count, args.seconds = 10, 2, 1.0
+        args.count, args.act_count, args.seconds, args.clients = 10, 2, 1.0, 2
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every server process
     os.environ["CHUNKBUS_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="cb-roundtrip-", dir="/tmp")
     import lerobot_async_side as lerobot
@@ -281,40 +325,49 @@ def main() -> None:
             frontend = start_chunkbus(cluster, checkpoint, trivial)
             with lerobot.start_policy_server(port, chunk), BrokerClient(frontend) as ours_client, \
                     lerobot.LerobotClient(port, checkpoint).connect() as their_client:
-                ours, theirs = interleaved(ours_client, their_client, count)
+                timings: list[dict] = []
+                ours, theirs = interleaved(ours_client, their_client, count, timings=timings)
                 if trivial:
                     results["jpeg"] = percentiles(interleaved(ours_client, None, count, jpeg=True)[0])
             if trivial:
-                chunkbus_rps = chunkbus_throughput(frontend, 4, args.seconds)
+                chunkbus_rps = chunkbus_throughput(frontend, args.clients, args.seconds)
         finally:
             cluster.stop()
         results[case] = compare(ours, theirs)
+        if trivial:
+            stages = results[case]["chunkbus_worker_ms"] = worker_stages(timings)
+            print(f"{case}: chunkbus's worker, medians: " + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.items()),
+                  flush=True)
         samples[case] = {"chunkbus": ours, "LeRobot async": theirs}
         print(f"{case}: chunkbus p50 {results[case]['chunkbus']['p50_ms']:.1f} ms p99 "
               f"{results[case]['chunkbus']['p99_ms']:.1f} ms | LeRobot p50 {results[case]['lerobot']['p50_ms']:.1f} ms "
               f"p99 {results[case]['lerobot']['p99_ms']:.1f} ms | ratio p50 {results[case]['ratio_p50']:.1f}x "
               f"p99 {results[case]['ratio_p99']:.1f}x", flush=True)
         if trivial:
-            ports = [free_port() for _ in range(4)]
+            ports = [free_port() for _ in range(args.clients)]
             servers = [lerobot.start_policy_server(p, (lerobot.CHUNK, lerobot.ACTION_DIM)) for p in ports]
             try:
-                lerobot_rps = lerobot.throughput(ports, clients=4, seconds=args.seconds, checkpoint=checkpoint)
+                lerobot_rps = lerobot.throughput(ports, clients=args.clients, seconds=args.seconds,
+                                                 checkpoint=checkpoint)
             finally:
                 for server in servers:
                     server.stop()
             results["four_clients"] = {"chunkbus_rps": round(chunkbus_rps, 1), "lerobot_rps": round(lerobot_rps, 1)}
             print(
-                f"four clients: chunkbus {chunkbus_rps:.1f} requests/s, LeRobot {lerobot_rps:.1f} requests/s",
+                f"{args.clients} clients: chunkbus {chunkbus_rps:.1f} requests/s, LeRobot {lerobot_rps:.1f} requests/s",
                 flush=True,
             )
     rtc = results["rtc"] = guidance_cost(args.count)
     print(f"rtc (flow:sine, 50x6, 10 steps): inference p50 {rtc['unguided']['inference_p50_ms']:.2f} ms unguided, "
           f"{rtc['guided']['inference_p50_ms']:.2f} ms guided (+{rtc['extra_inference_p50_ms']:.2f} ms); round trip "
           f"p50 +{rtc['extra_round_trip_p50_ms']:.2f} ms", flush=True)
-    curve = results["curve"] = curve_cost(checkpoint, args.count)
+    curve, ipc = results["curve"], results["ipc"] = backend_costs(checkpoint, args.count)
     print(f"curve (overhead case): round trip p50 {curve['plain']['p50_ms']:.2f} ms plaintext, "
           f"{curve['curve']['p50_ms']:.2f} ms CURVE (+{curve['extra_p50_ms']:.2f}); p99 {curve['plain']['p99_ms']:.2f} "
           f"vs {curve['curve']['p99_ms']:.2f} ms (+{curve['extra_p99_ms']:.2f})", flush=True)
+    print(f"ipc (overhead case): round trip p50 {ipc['tcp']['p50_ms']:.2f} ms with the worker on loopback TCP, "
+          f"{ipc['ipc']['p50_ms']:.2f} ms on ipc:// (saves {ipc['saved_p50_ms']:.2f}); p99 {ipc['tcp']['p99_ms']:.2f} "
+          f"vs {ipc['ipc']['p99_ms']:.2f} ms (saves {ipc['saved_p99_ms']:.2f})", flush=True)
     if args.plot:
         plot(args.plot, samples)
     print(json.dumps(results))
