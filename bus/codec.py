@@ -263,6 +263,31 @@ def message_type(frame: Frame) -> str | None:
     return kind if kind in MESSAGE_TYPES else None
 
 
+def header_fields(frame: Frame) -> dict[str, Any] | None:
+    """The fields of a header frame, or None for anything that is not a header of this
+    protocol version. Unlike decode_header it builds no arrays and checks no buffer
+    descriptions: a router reading a few fields has no use for them (the receiver decodes
+    and checks the whole message)."""
+    try:
+        view = _frame_view(frame)
+    except MessageError:
+        return None
+    if len(view) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = msgpack.unpackb(view, raw=False)
+    except Exception:  # msgpack raises several types for garbage
+        return None
+    if not isinstance(header, dict) or tuple(header) != HEADER_KEYS or header["v"] != PROTOCOL_VERSION:
+        return None
+    kind, buffers, fields = header["type"], header["buffers"], header["fields"]
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        return None
+    if not isinstance(buffers, list) or len(buffers) > MAX_BUFFERS or not isinstance(fields, dict):
+        return None
+    return fields
+
+
 def _buffer(description: Any, frame: memoryview, index: int) -> np.ndarray | JpegImage:
     where = f"buffer {index}"
     if not isinstance(description, dict) or not isinstance(description.get("key"), str):

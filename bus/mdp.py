@@ -32,8 +32,8 @@ from typing import Any
 
 import msgpack
 
-from .codec import HEADER_KEYS, MAX_BUFFERS, MAX_HEADER_BYTES, PROTOCOL_VERSION
-from .messages import MESSAGE_TYPES, ObservationRequest
+from .codec import header_fields
+from .messages import ObservationRequest
 from .records import ModelDescription
 from .schema import MessageError
 
@@ -76,40 +76,18 @@ _ROUTING_CHECKS = {f.name: ObservationRequest.SCHEMA[f.name] for f in fields(Req
 def request_options(body: Sequence) -> RequestOptions:
     """The chunkbus fields of a request body; defaults for a plain MDP client's body, and
     for each field that is missing or fails its check."""
-    fields = _routing_fields(body[0]) if body else None
-    if fields is None:
+    found = header_fields(body[0]) if body else None
+    if found is None:
         return RequestOptions()  # not chunkbus's: a plain MDP request
     options = {}
     for name, check in _ROUTING_CHECKS.items():
-        value = fields.get(name)
+        value = found.get(name)
         if value is not None:
             try:
                 options[name] = check(value, name)
             except MessageError:
                 pass
     return RequestOptions(**options)
-
-
-def _routing_fields(frame: Any) -> dict[str, Any] | None:
-    """The fields of a header frame as codec.py lays it out, or None if it is not one. Plain
-    msgpack: unlike codec.decode_header it builds no arrays and checks no buffer descriptions,
-    which the broker, reading only the routing fields, has no use for (the worker decodes and
-    checks the whole message)."""
-    view = memoryview(getattr(frame, "buffer", frame)).cast("B")  # a zmq.Frame's memory is .buffer
-    if len(view) > MAX_HEADER_BYTES:
-        return None
-    try:
-        header = msgpack.unpackb(view, raw=False)
-    except Exception:  # msgpack raises several types for garbage
-        return None
-    if not isinstance(header, dict) or tuple(header) != HEADER_KEYS or header["v"] != PROTOCOL_VERSION:
-        return None
-    kind, buffers, fields = header["type"], header["buffers"], header["fields"]
-    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
-        return None
-    if not isinstance(buffers, list) or len(buffers) > MAX_BUFFERS or not isinstance(fields, dict):
-        return None
-    return fields
 
 
 @dataclass
