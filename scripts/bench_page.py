@@ -271,6 +271,12 @@ def page(results: dict) -> str:
                 "One observation (two 480x640x3 images, 6-float state, a task) answered with an action chunk, "
                 "over loopback TCP. Latency in ms, p50 / p99; ratio = LeRobot / chunkbus.", "",
                 table(["case", "chunkbus", "LeRobot", "ratio p50 / p99"], rows), ""]
+        if "chunkbus_worker_ms" in r.get("overhead", {}):
+            stages = r["overhead"]["chunkbus_worker_ms"]
+            out += ["Of chunkbus's overhead round trip the worker spends (medians) "
+                    + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in stages.items())
+                    + "; the rest is transport: the client, the broker and the worker's link thread, both ways. "
+                    "300 round trips per side, after 10 not counted.", ""]
         if "jpeg" in r:
             out += [
                 f"chunkbus with JPEG frames: p50 {r['jpeg']['p50_ms']:.2f} ms, p99 {r['jpeg']['p99_ms']:.2f} ms.",
@@ -303,6 +309,12 @@ def page(results: dict) -> str:
                 f"{c['curve']['p99_ms']:.2f} ms ({c['extra_p99_ms']:+.2f} ms).",
                 "",
             ]
+        if "ipc" in r:
+            i = r["ipc"]
+            ipc, tcp = i["ipc"], i["tcp"]
+            out += ["The worker on an ipc:// backend instead of loopback TCP (overhead case, asked in turn): round "
+                    f"trip p50 {ipc['p50_ms']:.2f} vs {tcp['p50_ms']:.2f} ms (saves {i['saved_p50_ms']:+.2f}), "
+                    f"p99 {ipc['p99_ms']:.2f} vs {tcp['p99_ms']:.2f} ms (saves {i['saved_p99_ms']:+.2f}).", ""]
         if (DOCS / "roundtrip_latency.png").exists():
             out += ["![round-trip latency distribution](roundtrip_latency.png)", ""]
         if "notes" in r:
@@ -386,6 +398,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the page)")
     args = parser.parse_args()
     quick = {"codec": ["--iterations", "5", "--rounds", "2"], "broker": ["--seconds", "0.5", "--count", "50"],
+             "fleet": ["--quick"],
              "jitter": ["--seconds", "1.5"], "roundtrip": ["--quick"],
              "stitch": ["--ticks", "300", "--delays", "0,3,6,10"], "wan": ["--quick"],
              "models": ["--types", "act,smolvla,pi0_fast", "--calls", "2", "--warmup", "1", "--batches", "1,2"]}
