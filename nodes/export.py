@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
+import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -228,6 +230,26 @@ class DatasetExport:
                 f"in {len(self.episodes)} episode{'s' * (len(self.episodes) != 1)}, tasks {self.tasks}")
 
 
+def keeps_scheduler(function):
+    """SVT-AV1, lerobot's AV1 encoder (through PyAV), puts the thread that encodes in the real-time
+    scheduler (SCHED_FIFO, priority 99) and leaves it there, for whatever the process does or starts
+    next: give the thread back the policy it had."""
+
+    @functools.wraps(function)
+    def kept(*args, **kwargs):
+        if not hasattr(os, "sched_getscheduler"):
+            return function(*args, **kwargs)
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+                os.sched_setscheduler(0, policy, param)
+
+    return kept
+
+
+@keeps_scheduler
 def export_lerobot(path: str, root: str, repo_id: str, gap: float | None = None, split_on_task: bool = False,
                    task: str | None = None) -> DatasetExport:
     """Write the recording as a new LeRobot dataset in `root`, with lerobot's own writer (nothing is pushed)."""

@@ -125,7 +125,10 @@ def test_the_lerobot_export_is_every_tick_as_the_actuator_saw_and_did_it(recordi
 
 def test_episodes_split_where_the_task_changed(recording, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scheduler = os.sched_getscheduler(0), os.sched_getparam(0)
     export_lerobot(str(recording), str(tmp_path / "ds"), "chunkbus/tasks", split_on_task=True)
+    # lerobot's AV1 encoder left this thread in SCHED_FIFO at priority 99; the export gives it back.
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == scheduler
 
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
