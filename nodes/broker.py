@@ -32,7 +32,7 @@ from ..bus.messages import ErrorReply, Stats
 from ..bus.records import BrokerStatus
 from ..bus.schema import MessageError
 from ..bus.security import AllowList, ZapHandler, make_server, read_key_pair
-from ..bus.sockets import Publisher, send_frames, waiting_messages
+from ..bus.sockets import Publisher, drain, send_frames
 from .broker_core import Accepted, Answer, Dispatch, Removed, Scheduler, SchedulerConfig, ToWorker
 
 
@@ -132,7 +132,7 @@ class Broker:
                 events = dict(poller.poll(math.ceil(max(0, min(wake - time.monotonic(), interval)) * 1000)))
                 for socket, handle in handlers:
                     if socket in events:
-                        for frames in waiting_messages(socket, DRAIN_LIMIT):
+                        for frames in drain(socket, DRAIN_LIMIT):
                             handle(frames)
                 now = time.monotonic()
                 self.send(self.core.expire(now))

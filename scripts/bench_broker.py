@@ -90,9 +90,9 @@ class Cluster:
         self.processes.append(process)
         return process
 
-    def broker(self, *options: str) -> tuple[str, str]:
+    def broker(self, *options: str, backend: str = "tcp://127.0.0.1:*") -> tuple[str, str]:
         # One client stands in for many robots here: no per-robot bound.
-        ready = self.node("broker", "--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+        ready = self.node("broker", "--frontend", "tcp://127.0.0.1:*", "--backend", backend,
                           "--max-queue", "1000", "--max-per-robot", "1000", *options)
         return ready["frontend"], ready["backend"]
 

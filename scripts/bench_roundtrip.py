@@ -162,10 +162,11 @@ def start_chunkbus(cluster, checkpoint: Path, trivial: bool, keys: Path | None =
     on an ipc:// backend when `ipc`); returns the broker's frontend."""
     secured = [] if keys is None else ["--curve-secret", str(keys / "broker.key_secret"), "--no-capture",
                                        "--allow-robots", str(keys / "robots"), "--allow-workers", str(keys / "workers")]
-    if ipc:  # the later --backend is the one the broker takes; a second broker needs its own name
-        runtime = os.environ["CHUNKBUS_RUNTIME_DIR"]
-        secured += ["--backend", f"ipc://{runtime}/broker-ipc.backend", "--name", "broker-ipc"]
-    frontend, backend = cluster.broker(*secured)
+    backend = "tcp://127.0.0.1:*"
+    if ipc:  # a second broker on this runtime directory needs its own name
+        backend = f"ipc://{os.environ['CHUNKBUS_RUNTIME_DIR']}/broker-ipc.backend"
+        secured += ["--name", "broker-ipc"]
+    frontend, backend = cluster.broker(*secured, backend=backend)
     args = [sys.executable, str(Path(__file__).parent / "chunkbus_bench_worker.py"), backend, str(checkpoint)]
     if keys is not None:
         args += ["--curve-secret", str(keys / "worker.key_secret"), "--broker-key", str(keys / "broker.key")]
